@@ -1,0 +1,29 @@
+# `make demo` and `make test` bootstrap .venv on first use (Python 3.11+ and the package index are all they need).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+DEMO_CONFIG ?= configs/clip.py:tiny
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m vlp.train --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/loss_memory.py
+
+clean:
+	rm -rf $(VENV) runs

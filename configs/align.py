@@ -1,0 +1,32 @@
+"""ALIGN (Jia et al., 2021): symmetric InfoNCE with label smoothing 0.1 and a learnable temperature T
+(logits divided by T, T initialised to 1.0 as in the reference port).
+
+vlp trains ALIGN's loss on its own ViT + text towers; the paper's EfficientNet-L2 image tower and BERT-Large text
+tower are not reproduced. The paper used LAMB (lr 1e-3, wd 1e-5) at a 16k batch; the cluster variants use AdamW
+with the same lr and weight decay.
+Variants: `tiny` (CPU demo on shapes), `B/16`, `L/14`.
+"""
+
+from vlp import config as vlp_config
+
+VARIANTS = ("tiny", "B/16", "L/14")
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("vlp_configs_clip", pathlib.Path(__file__).with_name("clip.py"))
+    clip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip)
+    c = clip.get_config(variant)
+    c.objective = "align"
+    c.loss.label_smoothing = 0.1
+    c.model.logit_scale_parameterization = "temperature"
+    c.model.logit_scale_init = 1.0  # T = 1.0
+    if variant != "tiny":
+        c.batch_size = 16_384
+        c.optim.update(lr=1e-3, weight_decay=1e-5)
+    vlp_config.apply_overrides(c, overrides)
+    return c

@@ -1,0 +1,45 @@
+"""CLIP (Radford et al., 2021): symmetric InfoNCE, learnable temperature (init 1/0.07, clamp 100).
+
+Variants: `tiny` (the CPU demo on the embedded shapes dataset: minutes on 2 cores), `B/16` and `L/14` (cluster
+recipes in the style of OpenCLIP's LAION runs; they need a real data source, see the README).
+Usage: `--config=configs/clip.py:tiny` or `--config=configs/clip.py:tiny,total_steps=300`.
+"""
+
+from vlp import config as vlp_config
+
+VARIANTS = ("tiny", "B/16", "L/14")
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
+    c = vlp_config.base_config()
+    c.objective = "clip"
+    if variant == "tiny":
+        c.total_steps = 3000
+        c.batch_size = 128
+        c.data.image_size = 32
+        c.data.max_text_len = 16
+        c.model.image.update(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8)
+        c.model.text.update(width=128, depth=2, mlp_dim=512, num_heads=4)
+        c.model.embed_dim = 128
+        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 1000, 500
+    else:
+        # Cluster scale: 32k global batch, AdamW (0.9, 0.98), lr 5e-4 (B/16) / 4e-4 (L/14), wd 0.2, 2k warmup.
+        c.total_steps = 100_000
+        c.batch_size = 32_768
+        c.data.image_size = 224
+        c.data.max_text_len = 77
+        c.data.worker_count = 8
+        c.model.image.variant = variant
+        width = 512 if variant == "B/16" else 768
+        c.model.text.update(width=width, depth=12, mlp_dim=4 * width, num_heads=width // 64)
+        c.model.embed_dim = 512 if variant == "B/16" else 768
+        c.model.image.remat = variant == "L/14"
+        c.optim.update(lr=5e-4 if variant == "B/16" else 4e-4, warmup_steps=2000, weight_decay=0.2)
+        c.mesh.shape = (1, -1, 1)  # FSDP over all devices
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+        c.evals.zeroshot.num_examples = 10_000
+        c.evals.retrieval.num_examples = 5000
+    vlp_config.apply_overrides(c, overrides)
+    return c

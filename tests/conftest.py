@@ -1,0 +1,36 @@
+"""Test setup: 8 virtual CPU devices for the whole session (set before jax is imported), so sharded tests can
+compare a mesh of 8 against a 1x1x1 mesh of the first device in the same process."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def tiny_config(arg: str = "", **updates):
+    """configs/clip.py:tiny shrunk for fast tests: a 32-wide model, small evals, one device; `updates` are dotted
+    keys."""
+    from vlp import config as vlp_config
+
+    config = vlp_config.load_config_file(str(REPO / "configs" / "clip.py") + ":tiny" + ("," + arg if arg else ""))
+    config.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    config.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    config.model.embed_dim = 32
+    config.batch_size = 16
+    config.total_steps = 8
+    config.optim.warmup_steps = 2
+    config.log_every, config.eval_every, config.checkpoint_every = 1, 1000, 1000
+    config.evals.zeroshot.num_examples = 64
+    config.evals.retrieval.num_examples = 64
+    config.evals.zeroshot.batch_size = 32
+    config.evals.retrieval.batch_size = 32
+    config.async_checkpointing = False
+    config.mesh.num_devices = 1  # sharded tests ask for all 8 devices explicitly
+    vlp_config.apply_overrides(config, {k: str(v) for k, v in updates.items()})
+    return config

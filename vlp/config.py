@@ -1,0 +1,234 @@
+"""Config helpers: the base config every method file extends, argument parsing, validation, JSON round trip.
+
+A config is an `ml_collections.ConfigDict`, locked after construction so that a typo in a key fails at start.
+`configs/<method>.py:get_config(arg)` takes `arg = "variant"` or `"variant,key=value,..."`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from vlp.parallel.sharding import DEFAULT_RULES
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+NAN_POLICIES = ("stop", "skip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run can set, with CPU-friendly defaults; method configs override values, never add keys."""
+    c = ml_collections.ConfigDict()
+    c.objective = "clip"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 128  # global, across all devices and processes
+
+    c.data = dict(
+        source="shapes",
+        image_size=32,
+        train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
+        max_text_len=16,
+        tokenizer="",  # path to a sentencepiece model; "" = the bundled shapes tokenizer
+        worker_count=0,  # grain worker processes (0 = in the training process)
+        read_threads=4,
+    )
+
+    c.model = dict(
+        image=dict(
+            variant=config_dict.placeholder(str),  # e.g. "B/16": sets width/depth/mlp_dim/num_heads/patch_size
+            width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8,
+            pool="cls", posemb="learn", num_cls_tokens=1, ln_pre=True, patch_bias=False, remat=False,
+        ),
+        text=dict(
+            width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot", remat=False,
+        ),
+        embed_dim=128,
+        image_projection=True,
+        text_projection=True,
+        projection_bias=False,
+        activation="gelu",  # gelu (exact) | gelu_tanh | quick_gelu (OpenAI CLIP weights)
+        ln_eps=1e-5,
+        fused_qkv=True,
+        logit_scale_init=1 / 0.07,
+        logit_scale_max=100.0,
+        logit_scale_parameterization="log",  # log (CLIP) | temperature (ALIGN: divide by a learnable T)
+        logit_bias_init=config_dict.placeholder(float),
+    )
+
+    c.loss = dict(variant="gather", label_smoothing=0.0)
+
+    c.optim = dict(
+        name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
+        b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
+    )
+
+    c.mesh = dict(shape=(-1, 1, 1), num_devices=-1)  # axes (data, fsdp, tensor); -1 = all remaining devices
+    c.sharding_rules = DEFAULT_RULES
+    c.precision = dict(compute_dtype="auto")  # auto: bfloat16 on GPU/TPU, float32 on CPU; params always fp32
+    c.nan_policy = "stop"  # a non-finite loss or gradient never updates params; stop: raise, skip: count and go on
+
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+
+    c.evals = dict(
+        zeroshot=dict(type="zeroshot", split="validation", num_examples=2000, batch_size=500),
+        retrieval=dict(type="retrieval", split="validation", num_examples=1000, caption="synthetic",
+                       batch_size=500),
+    )
+    c.hardware = dict(peak_flops_per_device=config_dict.placeholder(float))  # MFU denominator override
+    return c
+
+
+def _coerce(value: str, current: Any, key: str) -> Any:
+    if isinstance(current, str) or current is None:
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config key {key!r}: cannot parse {value!r} as {type(current).__name__}") from e
+    if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        parsed = float(parsed)
+    return parsed
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Sets dotted keys from strings, keeping each key's type; an unknown key names the valid ones."""
+    for dotted, raw in overrides.items():
+        node = config
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "<top level>"
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise KeyError(f"unknown config key {dotted!r}: {part!r} is not in {where}; valid keys there: "
+                               f"{valid}")
+            if i < len(parts) - 1:
+                node = node[part]
+        current = node[parts[-1]]
+        node[parts[-1]] = _coerce(raw, current, dotted)
+
+
+def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """`"tiny,total_steps=50"` -> ("tiny", {"total_steps": "50"}); the variant must be one of `variants`."""
+    variant, overrides = variants[0], {}
+    for item in filter(None, (arg or "").split(",")):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = value.strip()
+        else:
+            variant = item.strip()
+    if variant not in variants:
+        raise ValueError(f"unknown config variant {variant!r}; valid: {list(variants)}")
+    return variant, overrides
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid config: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that do not depend on the devices (the trainer checks mesh and batch divisibility)."""
+    from vlp.data import sources
+    from vlp.data.transforms import CAPTION_CHOICES
+    from vlp.objectives import available_objectives
+
+    _check(config.objective in available_objectives(),
+           f"objective={config.objective!r}; valid: {available_objectives()}")
+    for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _check(isinstance(config[key], int) and config[key] > 0, f"{key}={config[key]!r} must be a positive integer")
+    _check(config.optim.lr > 0, f"optim.lr={config.optim.lr} must be > 0")
+    _check(0 <= config.optim.warmup_steps < config.total_steps,
+           f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, total_steps={config.total_steps})")
+    _check(config.optim.weight_decay >= 0, f"optim.weight_decay={config.optim.weight_decay} must be >= 0")
+    _check(0 <= config.loss.label_smoothing < 1, f"loss.label_smoothing={config.loss.label_smoothing} not in [0, 1)")
+    _check(config.data.source in sources.SOURCES, f"data.source={config.data.source!r}; valid: {list(sources.SOURCES)}")
+    _check(config.data.train_caption in CAPTION_CHOICES,
+           f"data.train_caption={config.data.train_caption!r}; valid: {CAPTION_CHOICES}")
+    _check(config.data.max_text_len >= 2, f"data.max_text_len={config.data.max_text_len} must be >= 2")
+    _check(config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count} must be >= 0")
+    _check(config.precision.compute_dtype in COMPUTE_DTYPES,
+           f"precision.compute_dtype={config.precision.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
+    _check(config.nan_policy in NAN_POLICIES, f"nan_policy={config.nan_policy!r}; valid: {NAN_POLICIES}")
+    for name, ev in config.evals.items():
+        _check("type" in ev, f"evals.{name} has no 'type'")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    return tuple(_lists_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _match_types(template: Any, value: Any) -> Any:
+    """JSON turns tuples into lists and whole floats into ints; give the saved values their config types back."""
+    if isinstance(template, tuple) and isinstance(value, list):
+        return _lists_to_tuples(value)
+    if isinstance(template, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _update_locked(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+    for key, value in values.items():
+        if key not in config:
+            raise KeyError(f"unknown config key {prefix + key!r} in the saved config; valid: {sorted(config.keys())}")
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+            if key == "evals":  # evaluator entries are free-form: replace them whole
+                with config.unlocked():
+                    config[key] = ml_collections.ConfigDict(value)
+            else:
+                _update_locked(config[key], value, f"{prefix}{key}.")
+        else:
+            config[key] = _match_types(config[key], value)
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+    """Rebuilds a locked config from a plain dict (e.g. a workdir's config.json) over the base config."""
+    config = base_config()
+    config.lock()
+    _update_locked(config, values)
+    return config
+
+
+def load_json(path: str | Path) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config at {path}: is this a vlp workdir? (each run writes config.json)")
+    return from_dict(json.loads(path.read_text()))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`"configs/clip.py:tiny,total_steps=5"` -> the file's get_config(arg), locked."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} not found (expected e.g. configs/clip.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(f"vlp_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """["optim.lr=1e-3", ...] -> {"optim.lr": "1e-3"}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. evals.zeroshot.num_examples=500)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,63 @@
+"""grain input pipelines: the training stream (sharded per process, shuffled, batched, checkpointable) and the
+fixed evaluation sets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from vlp.data.transforms import normalize_image
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStreamSpec:
+    global_batch_size: int
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
+    worker_count: int = 0
+    read_threads: int = 4
+
+
+def make_train_dataset(source: Any, transform: grain.transforms.Map, spec: TrainStreamSpec) -> grain.IterDataset:
+    """Infinite stream of host-local batches {key: [global_batch / process_count, ...]}.
+
+    The order is a pure function of (seed, step): every epoch is reshuffled with a new seed, each process reads
+    its own slice, and the iterator's `get_state()` (indices only) restores the exact position.
+    """
+    if spec.global_batch_size % spec.process_count:
+        raise ValueError(f"batch_size {spec.global_batch_size} is not divisible by the process count "
+                         f"{spec.process_count}")
+    ds = grain.MapDataset.source(source).shuffle(seed=spec.seed).repeat(None)
+    ds = ds[spec.process_index::spec.process_count]
+    ds = ds.map(transform)
+    ds = ds.batch(spec.global_batch_size // spec.process_count, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=spec.read_threads, prefetch_buffer_size=2))
+    if spec.worker_count > 0:
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.worker_count))
+    return iter_ds
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """A fixed evaluation set held in memory: images float32 [N, H, W, 3], labels int32 [N], captions by kind."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    captions: dict[str, list[str]]
+
+
+def load_eval_set(source: Any, num_examples: int) -> EvalSet:
+    """The first `num_examples` records of a source (a deterministic, held-out set)."""
+    if num_examples > len(source):
+        raise ValueError(f"eval set asks for {num_examples} examples but the source has {len(source)}")
+    records = [source[i] for i in range(num_examples)]
+    kinds = [k[len("caption_"):] for k in records[0] if k.startswith("caption_")]
+    return EvalSet(
+        images=normalize_image(np.stack([r["image"] for r in records])),
+        labels=np.asarray([r["label"] for r in records], np.int32),
+        captions={kind: [r[f"caption_{kind}"] for r in records] for kind in kinds},
+    )

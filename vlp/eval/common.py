@@ -1,0 +1,26 @@
+"""What evaluators are built from: encoder functions over numpy batches, plus small ranking helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """encode_image(params, images [N, H, W, 3]) -> [N, D]; encode_text(params, tokens [N, L]) -> [N, D] (both
+    L2-normalised numpy); tokenize(texts) -> int32 [N, L]."""
+
+    encode_image: Callable[[Params, np.ndarray], np.ndarray]
+    encode_text: Callable[[Params, np.ndarray], np.ndarray]
+    tokenize: Callable[[list[str]], np.ndarray]
+
+
+def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, best first: [N, M] -> [N, k] (stable for ties)."""
+    k = min(k, scores.shape[1])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

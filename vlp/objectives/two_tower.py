@@ -1,0 +1,107 @@
+"""Shared construction of the two-tower model from a config (CLIP, ALIGN and the later sigmoid objectives)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlp.data.tokenizer import Tokenizer
+from vlp.models import flops
+from vlp.models.two_tower import TwoTower
+from vlp.models.vit import vit_shape
+from vlp.objectives.base import Objective, resolve_compute_dtype
+
+
+def image_tower_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ViT keyword arguments; `variant` (e.g. "B/16") sets the size fields."""
+    image = model.image
+    sizes = dict(width=image.width, depth=image.depth, mlp_dim=image.mlp_dim, num_heads=image.num_heads,
+                 patch_size=image.patch_size)
+    if image.variant:
+        shape = vit_shape(image.variant)
+        sizes = dict(width=shape.width, depth=shape.depth, mlp_dim=shape.mlp_dim, num_heads=shape.num_heads,
+                     patch_size=shape.patch_size)
+    return dict(sizes, pool=image.pool, posemb=image.posemb, num_cls_tokens=image.num_cls_tokens,
+                ln_pre=image.ln_pre, patch_bias=image.patch_bias, remat=image.remat, activation=model.activation,
+                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
+
+
+def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
+    text = model.text
+    return dict(vocab_size=tokenizer.vocab_size, max_len=max_len, width=text.width, depth=text.depth,
+                mlp_dim=text.mlp_dim, num_heads=text.num_heads, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                causal=text.causal, pool=text.pool, remat=text.remat, activation=model.activation,
+                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
+
+
+def build_two_tower(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TwoTower:
+    m = config.model
+    return TwoTower(
+        image=image_tower_kwargs(m),
+        text=text_tower_kwargs(m, tokenizer, config.data.max_text_len),
+        embed_dim=m.embed_dim,
+        image_projection=m.image_projection,
+        text_projection=m.text_projection,
+        projection_bias=m.projection_bias,
+        logit_scale_init=m.logit_scale_init,
+        logit_scale_max=m.logit_scale_max,
+        logit_scale_parameterization=m.logit_scale_parameterization,
+        logit_bias_init=m.logit_bias_init,
+        dtype=resolve_compute_dtype(config.precision.compute_dtype),
+    )
+
+
+class TwoTowerObjective(Objective):
+    """Base of the dual-encoder objectives: builds the model, the tokenizer and the encoders for evaluation."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.tokenizer = Tokenizer(config.data.tokenizer or None)
+        self.model = build_two_tower(config, self.tokenizer)
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        size = self.config.data.image_size
+        return {
+            "image": np.zeros((batch_size, size, size, 3), np.float32),
+            "text": np.zeros((batch_size, self.config.data.max_text_len), np.int32),
+            "label": np.zeros((batch_size,), np.int32),
+        }
+
+    def init(self, rng: jax.Array) -> Any:
+        batch = self.example_batch(1)
+        return self.model.init(rng, jnp.asarray(batch["image"]), jnp.asarray(batch["text"]))["params"]
+
+    def embed(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return self.model.apply({"params": params}, batch["image"], batch["text"])
+
+    def encode_image(self, params: Any, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] -> L2-normalised [B, D]."""
+        return self.model.apply({"params": params}, images, method=TwoTower.encode_image)
+
+    def encode_text(self, params: Any, tokens: jax.Array) -> jax.Array:
+        """tokens [B, L] -> L2-normalised [B, D]."""
+        return self.model.apply({"params": params}, tokens, method=TwoTower.encode_text)
+
+    def train_flops_per_example(self) -> float:
+        image, text = self.model.image, self.model.text
+        forward = flops.vit_forward_flops(self.config.data.image_size, image["patch_size"], image["width"],
+                                          image["depth"], image["mlp_dim"],
+                                          image["num_cls_tokens"] if image["pool"] == "cls" else 0)
+        forward += flops.text_forward_flops(text["max_len"], text["width"], text["depth"], text["mlp_dim"],
+                                            text["causal"])
+        embed_dim = self.model.embed_dim or 0
+        forward += 2 * embed_dim * (image["width"] + text["width"])
+        return 3.0 * forward
+
+    def model_config(self) -> dict[str, Any]:
+        out = super().model_config()
+        out["tokenizer"] = {"vocab_size": self.tokenizer.vocab_size, "eos_id": self.tokenizer.eos_id,
+                            "pad_id": self.tokenizer.pad_id, "max_len": self.config.data.max_text_len}
+        out["image_tower"] = self.model.image
+        out["text_tower"] = self.model.text
+        out["image_size"] = self.config.data.image_size
+        return out

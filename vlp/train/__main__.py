@@ -1,0 +1,26 @@
+"""`python -m vlp.train --config=configs/clip.py:tiny --workdir=runs/x [--config.total_steps=300]`.
+
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/clip.py:tiny.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json, final_metrics.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from vlp.train.trainer import train_and_evaluate
+
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,73 @@
+"""Builds the evaluators named in `config.evals` and the sharded, batched encoders they call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from vlp.data import pipeline, sources
+from vlp.eval import EVALUATORS, RetrievalEvaluator, ZeroShotEvaluator
+from vlp.eval.common import Encoders
+from vlp.parallel.mesh import batch_shard_count
+from vlp.parallel.sharding import batch_sharding
+
+
+def batched_apply(fn: Callable, params: Any, array: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
+    """fn(params, chunk) over fixed-size chunks (the last one zero-padded, so one compilation serves all),
+    each chunk sharded on the batch axes; returns the concatenated numpy output."""
+    shards = batch_shard_count(mesh)
+    batch_size = -(-batch_size // shards) * shards  # round up to a multiple of the batch shards
+    sharding = batch_sharding(mesh, array.ndim)
+    outputs = []
+    for start in range(0, len(array), batch_size):
+        chunk = array[start:start + batch_size]
+        valid = len(chunk)
+        if valid < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - valid, *chunk.shape[1:]), chunk.dtype)])
+        out = fn(params, jax.device_put(chunk, sharding))
+        outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:valid])
+    return np.concatenate(outputs)
+
+
+def make_encoders(objective: Any, mesh: Mesh, batch_size: int) -> Encoders:
+    encode_image = jax.jit(objective.encode_image)
+    encode_text = jax.jit(objective.encode_text)
+    max_len = objective.config.data.max_text_len
+    return Encoders(
+        encode_image=lambda params, images: batched_apply(encode_image, params, images, batch_size, mesh),
+        encode_text=lambda params, tokens: batched_apply(encode_text, params, tokens, batch_size, mesh),
+        tokenize=lambda texts: objective.tokenizer.encode(texts, max_len),
+    )
+
+
+def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Mesh,
+                     split: str | None = None) -> dict[str, Any]:
+    """One evaluator per entry of config.evals; `split` overrides every entry's split (tools/eval.py --split)."""
+    evaluators = {}
+    for name, ev in config.evals.items():
+        if ev.type not in EVALUATORS:
+            raise ValueError(f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
+        source = sources.make_source(config.data.source, split or ev.split, config.data.image_size)
+        eval_set = pipeline.load_eval_set(source, ev.num_examples)
+        encoders = make_encoders(objective, mesh, ev.get("batch_size", 500))
+        if ev.type == "zeroshot":
+            prompts = [sources.class_prompts(config.data.source, c) for c in sources.class_names(config.data.source)]
+            evaluators[name] = ZeroShotEvaluator(encoders, eval_set.images, eval_set.labels, prompts, name=name)
+        elif ev.type == "retrieval":
+            caption = ev.get("caption", "synthetic")
+            if caption not in eval_set.captions:
+                raise ValueError(f"evals.{name}.caption={caption!r}; valid: {sorted(eval_set.captions)}")
+            evaluators[name] = RetrievalEvaluator(encoders, eval_set.images, eval_set.captions[caption], name=name)
+    return evaluators
+
+
+def run_evaluators(evaluators: dict[str, Any], params: Any) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for evaluator in evaluators.values():
+        results.update(evaluator.run(params))
+    return results

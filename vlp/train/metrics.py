@@ -1,0 +1,95 @@
+"""Metric outputs of a run (process 0 only): metrics.jsonl, TensorBoard (tensorboardX) and the progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, the MFU denominator (vendor figures; CPU: XLA fp32 matmul measured on a
+# 2-core CI-class machine, so CPU MFU figures are relative to that).
+PEAK_FLOPS_PER_DEVICE = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "cpu": 450e9,
+}
+
+
+def peak_flops_per_device(device: jax.Device, override: float | None = None) -> float | None:
+    if override:
+        return float(override)
+    kind = device.device_kind
+    for name, peak in PEAK_FLOPS_PER_DEVICE.items():
+        if name.lower() in kind.lower():
+            return peak
+    return PEAK_FLOPS_PER_DEVICE["cpu"] if device.platform == "cpu" else None
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+    """`step 300/3000 | loss 2.1432 | 1,050 samples/s | MFU 12.3% | data 4% | ETA 4m12s`."""
+    parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
+    if "samples_per_second" in metrics:
+        parts.append(f"{metrics['samples_per_second']:,.0f} samples/s")
+    if "mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if "data_wait_fraction" in metrics:
+        parts.append(f"data {100 * metrics['data_wait_fraction']:.0f}%")
+    if "eta_seconds" in metrics:
+        parts.append(f"ETA {format_seconds(metrics['eta_seconds'])}")
+    return " | ".join(parts)
+
+
+class MetricWriter:
+    """Appends `{"step": s, **metrics}` lines to metrics.jsonl and scalars to TensorBoard; no-op off process 0."""
+
+    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, float(value), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def say(message: str) -> None:
+    """A log line from process 0 with a timestamp, flushed at once (progress must show in pipes and CI)."""
+    if jax.process_index() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stdout, flush=True)

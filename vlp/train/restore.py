@@ -1,0 +1,30 @@
+"""Loading a run's params for tools (eval, export): the workdir's config, the experiment, a restored state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from vlp.train.checkpoint import Checkpointer
+from vlp.train.trainer import Experiment, build_experiment
+from vlp.train.workdir import load_config
+
+
+def restore_run(workdir: str | Path, overrides: dict[str, str] | None = None, step: int | None = None,
+                config: ml_collections.ConfigDict | None = None) -> tuple[Experiment, int, Any]:
+    """(experiment, step, TrainState) of a workdir's newest good (or the given) checkpoint."""
+    workdir = Path(workdir)
+    config = config if config is not None else load_config(workdir, overrides)
+    exp = build_experiment(config)
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {workdir}: train first (python -m vlp.train ... "
+                                f"--workdir={workdir})")
+    checkpointer = Checkpointer(checkpoints, max_to_keep=config.keep_checkpoints, async_save=False)
+    try:
+        restored_step, state = checkpointer.restore(exp.abstract_state, None, step)
+    finally:
+        checkpointer.close()
+    return exp, restored_step, state

@@ -1,0 +1,15 @@
+"""TrainState: everything a step reads and writes, as one pytree (checkpointed whole)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
