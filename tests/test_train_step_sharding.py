@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 from vlp.data.pipeline import TrainStreamSpec, make_train_dataset
 from vlp.data.sources import make_source
-from vlp.data.transforms import ImageTextTransform
+from vlp.data.transforms import SelectCaption, TokenizeBatch
 from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment, jit_train_step
 
@@ -22,8 +22,8 @@ def rel_diff(a, b):
 def batch():
     config = tiny_config()
     exp = build_experiment(config)
-    transform = ImageTextTransform(exp.objective.tokenizer, config.data.max_text_len, "both", 0)
-    ds = make_train_dataset(make_source("shapes", "train", 32), transform, TrainStreamSpec(16, seed=0))
+    ds = make_train_dataset(make_source("shapes", "train", 32), SelectCaption("both", 0),
+                            TokenizeBatch(exp.objective.tokenizer, config.data.max_text_len), TrainStreamSpec(16, seed=0))
     return next(iter(ds))
 
 

@@ -10,6 +10,13 @@ from vlp import config as vlp_config
 from vlp.train.workdir import load_config
 
 
+def quiet_library_logs() -> None:
+    """Library INFO logs (orbax, XLA) go to absl at INFO; tools print their own results."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="run directory written by `python -m vlp.train`")
     parser.add_argument("--config", default=None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_config_args, resolve_config  # noqa: E402
+from _common import add_config_args, quiet_library_logs, resolve_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default=None, help="evaluate every evaluator on this split (default: config's)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
+    quiet_library_logs()
 
     from vlp.train import evaluation
     from vlp.train.restore import restore_run

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_config_args, resolve_config  # noqa: E402
+from _common import add_config_args, quiet_library_logs, resolve_config  # noqa: E402
 
 FORMATS = ("safetensors",)
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     args = parser.parse_args(argv)
+    quiet_library_logs()
 
     import jax
 

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         source="shapes",
         image_size=32,
         train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
+        synthetic_caption_prob=0.5,  # with "both": how often the synthetic caption is the one trained on
         max_text_len=16,
         tokenizer="",  # path to a sentencepiece model; "" = the bundled shapes tokenizer
         worker_count=0,  # grain worker processes (0 = in the training process)
@@ -79,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
 
     c.evals = dict(
-        zeroshot=dict(type="zeroshot", split="validation", num_examples=2000, batch_size=500),
+        zeroshot=dict(type="zeroshot", split="validation", num_examples=2000, batch_size=500,
+                      prompt_ensemble=True),
         retrieval=dict(type="retrieval", split="validation", num_examples=1000, caption="synthetic",
                        batch_size=500),
     )
@@ -153,6 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.data.source in sources.SOURCES, f"data.source={config.data.source!r}; valid: {list(sources.SOURCES)}")
     _check(config.data.train_caption in CAPTION_CHOICES,
            f"data.train_caption={config.data.train_caption!r}; valid: {CAPTION_CHOICES}")
+    _check(0 <= config.data.synthetic_caption_prob <= 1,
+           f"data.synthetic_caption_prob={config.data.synthetic_caption_prob} must be in [0, 1]")
     _check(config.data.max_text_len >= 2, f"data.max_text_len={config.data.max_text_len} must be >= 2")
     _check(config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count} must be >= 0")
     _check(config.precision.compute_dtype in COMPUTE_DTYPES,

@@ -22,7 +22,8 @@ class TrainStreamSpec:
     read_threads: int = 4
 
 
-def make_train_dataset(source: Any, transform: grain.transforms.Map, spec: TrainStreamSpec) -> grain.IterDataset:
+def make_train_dataset(source: Any, example_transform: grain.transforms.Map, batch_transform: grain.transforms.Map,
+                       spec: TrainStreamSpec) -> grain.IterDataset:
     """Infinite stream of host-local batches {key: [global_batch / process_count, ...]}.
 
     The order is a pure function of (seed, step): every epoch is reshuffled with a new seed, each process reads
@@ -33,9 +34,11 @@ def make_train_dataset(source: Any, transform: grain.transforms.Map, spec: Train
                          f"{spec.process_count}")
     ds = grain.MapDataset.source(source).shuffle(seed=spec.seed).repeat(None)
     ds = ds[spec.process_index::spec.process_count]
-    ds = ds.map(transform)
+    ds = ds.map(example_transform)
     ds = ds.batch(spec.global_batch_size // spec.process_count, drop_remainder=True)
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=spec.read_threads, prefetch_buffer_size=2))
+    ds = ds.map(batch_transform)
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=spec.read_threads,
+                                                   prefetch_buffer_size=max(2, spec.read_threads)))
     if spec.worker_count > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.worker_count))
     return iter_ds

@@ -1,4 +1,8 @@
-"""Per-example transforms: image normalisation and caption tokenisation (picklable for grain workers)."""
+"""Transforms of the training stream (picklable for grain workers).
+
+Per example: pick the training caption and keep the uint8 image. Per batch: normalise the images and tokenise
+all captions in one call (sentencepiece encodes a list ~35x faster than one text at a time).
+"""
 
 from __future__ import annotations
 
@@ -10,37 +14,58 @@ import numpy as np
 from vlp.data.tokenizer import Tokenizer
 
 CAPTION_CHOICES = ("noisy", "synthetic", "both")
+_MASK64 = (1 << 64) - 1
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
     """uint8 [..., H, W, C] -> float32 in [-1, 1] (mean 0.5, std 0.5 per channel)."""
-    return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+    return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
-def pick_caption(example: dict, caption: str, seed: int) -> str:
-    """The training caption of an example: one kind, or (`both`) one of the two chosen by (seed, index)."""
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-mixed hash of an integer (numpy's seeded generators cost ~30 us)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def pick_caption(example: dict, caption: str, seed: int, synthetic_prob: float = 0.5) -> str:
+    """The training caption of an example: one kind, or (`both`) the synthetic one with probability
+    `synthetic_prob`, else the noisy one, fixed by (seed, index)."""
     if caption == "both":
-        caption = ("noisy", "synthetic")[np.random.default_rng([seed, int(example["index"])]).integers(2)]
+        uniform = _mix64((seed << 40) ^ int(example["index"])) / 2.0**64
+        caption = "synthetic" if uniform < synthetic_prob else "noisy"
     return example[f"caption_{caption}"]
 
 
 @dataclasses.dataclass
-class ImageTextTransform(grain.transforms.Map):
-    """record -> {"image": float32 [H, W, 3], "text": int32 [max_text_len], "label": int32}."""
+class SelectCaption(grain.transforms.Map):
+    """record -> {"image": uint8 [H, W, 3], "caption": str, "label": int32}."""
 
-    tokenizer: Tokenizer
-    max_text_len: int
     caption: str = "both"
     seed: int = 0
+    synthetic_prob: float = 0.5
 
     def __post_init__(self):
         if self.caption not in CAPTION_CHOICES:
             raise ValueError(f"unknown caption choice {self.caption!r}; valid: {CAPTION_CHOICES}")
+        if not 0.0 <= self.synthetic_prob <= 1.0:
+            raise ValueError(f"synthetic caption probability {self.synthetic_prob} is not in [0, 1]")
 
     def map(self, example: dict) -> dict:
-        text = self.tokenizer.encode([pick_caption(example, self.caption, self.seed)], self.max_text_len)[0]
-        return {
-            "image": normalize_image(example["image"]),
-            "text": text,
-            "label": np.int32(example["label"]),
-        }
+        return {"image": example["image"],
+                "caption": pick_caption(example, self.caption, self.seed, self.synthetic_prob),
+                "label": np.int32(example["label"])}
+
+
+@dataclasses.dataclass
+class TokenizeBatch(grain.transforms.Map):
+    """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}."""
+
+    tokenizer: Tokenizer
+    max_text_len: int
+
+    def map(self, batch: dict) -> dict:
+        return {"image": normalize_image(batch["image"]),
+                "text": self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_text_len),
+                "label": batch["label"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlp.data import pipeline, sources
 from vlp.eval.common import Encoders, Params, topk_indices
 
 KS = (1, 5, 10)
@@ -38,6 +39,15 @@ class RetrievalEvaluator:
             raise ValueError(f"{len(images)} images but {len(captions)} captions; retrieval needs one per image")
         self.encoders, self.images, self.captions, self.name = encoders, images, captions, name
         self.tokens = encoders.tokenize(captions)
+
+    @classmethod
+    def build(cls, encoders: Encoders, *, name: str, data_source: str, split: str, image_size: int,
+              num_examples: int, caption: str = "synthetic", **unused) -> "RetrievalEvaluator":
+        """The first `num_examples` pairs of a source's split, with the captions of kind `caption`."""
+        eval_set = pipeline.load_eval_set(sources.make_source(data_source, split, image_size), num_examples)
+        if caption not in eval_set.captions:
+            raise ValueError(f"evals.{name}.caption={caption!r}; valid: {sorted(eval_set.captions)}")
+        return cls(encoders, eval_set.images, eval_set.captions[caption], name=name)
 
     def run(self, params: Params) -> dict[str, float]:
         image_emb = self.encoders.encode_image(params, self.images)

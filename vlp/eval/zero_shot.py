@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlp.data import pipeline, sources
 from vlp.eval.common import Encoders, Params, topk_indices
 
 
@@ -33,6 +34,17 @@ class ZeroShotEvaluator:
         self.encoders, self.images, self.labels, self.name = encoders, images, labels, name
         self.prompt_counts = [len(p) for p in class_prompts]
         self.prompt_tokens = encoders.tokenize([p for prompts in class_prompts for p in prompts])
+
+    @classmethod
+    def build(cls, encoders: Encoders, *, name: str, data_source: str, split: str, image_size: int,
+              num_examples: int, prompt_ensemble: bool = True, **unused) -> "ZeroShotEvaluator":
+        """The first `num_examples` images of a labelled source's split; each class is the mean of its prompt
+        ensemble (or only its first prompt with `prompt_ensemble=False`)."""
+        eval_set = pipeline.load_eval_set(sources.make_source(data_source, split, image_size), num_examples)
+        prompts = [sources.class_prompts(data_source, c) for c in sources.class_names(data_source)]
+        if not prompt_ensemble:
+            prompts = [p[:1] for p in prompts]
+        return cls(encoders, eval_set.images, eval_set.labels, prompts, name=name)
 
     def run(self, params: Params) -> dict[str, float]:
         class_emb = class_embeddings(self.encoders.encode_text(params, self.prompt_tokens), self.prompt_counts)

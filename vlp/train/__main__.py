@@ -5,7 +5,7 @@ Running the same command again resumes from the workdir's latest checkpoint.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/clip.py:tiny.",
@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, XLA) drown the progress lines
+        logging.set_verbosity(logging.WARNING)
     from vlp.train.trainer import train_and_evaluate
 
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -10,8 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from vlp.data import pipeline, sources
-from vlp.eval import EVALUATORS, RetrievalEvaluator, ZeroShotEvaluator
+from vlp.eval import EVALUATORS
 from vlp.eval.common import Encoders
 from vlp.parallel.mesh import batch_shard_count
 from vlp.parallel.sharding import batch_sharding
@@ -52,17 +51,11 @@ def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Me
     for name, ev in config.evals.items():
         if ev.type not in EVALUATORS:
             raise ValueError(f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
-        source = sources.make_source(config.data.source, split or ev.split, config.data.image_size)
-        eval_set = pipeline.load_eval_set(source, ev.num_examples)
+        options = {k: v for k, v in ev.to_dict().items() if k not in ("type", "split", "batch_size")}
         encoders = make_encoders(objective, mesh, ev.get("batch_size", 500))
-        if ev.type == "zeroshot":
-            prompts = [sources.class_prompts(config.data.source, c) for c in sources.class_names(config.data.source)]
-            evaluators[name] = ZeroShotEvaluator(encoders, eval_set.images, eval_set.labels, prompts, name=name)
-        elif ev.type == "retrieval":
-            caption = ev.get("caption", "synthetic")
-            if caption not in eval_set.captions:
-                raise ValueError(f"evals.{name}.caption={caption!r}; valid: {sorted(eval_set.captions)}")
-            evaluators[name] = RetrievalEvaluator(encoders, eval_set.images, eval_set.captions[caption], name=name)
+        evaluators[name] = EVALUATORS[ev.type].build(
+            encoders, name=name, data_source=config.data.source, split=split or ev.split,
+            image_size=config.data.image_size, **options)
     return evaluators
 
 

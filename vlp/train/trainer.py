@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from vlp import config as vlp_config
 from vlp.data import pipeline, sources
-from vlp.data.transforms import ImageTextTransform
+from vlp.data.transforms import SelectCaption, TokenizeBatch
 from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
@@ -137,11 +137,11 @@ def make_train_iterator(config: ml_collections.ConfigDict, objective: Objective)
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
     source = sources.make_source(config.data.source, "train", config.data.image_size)
-    transform = ImageTextTransform(objective.tokenizer, config.data.max_text_len, config.data.train_caption,
-                                   config.seed)
+    select = SelectCaption(config.data.train_caption, config.seed, config.data.synthetic_caption_prob)
+    tokenize = TokenizeBatch(objective.tokenizer, config.data.max_text_len)
     spec = pipeline.TrainStreamSpec(config.batch_size, config.seed, jax.process_index(), jax.process_count(),
                                     config.data.worker_count, config.data.read_threads)
-    return iter(pipeline.make_train_dataset(source, transform, spec))
+    return iter(pipeline.make_train_dataset(source, select, tokenize, spec))
 
 
 class _Throughput:
@@ -227,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             checkpointer.save(config.total_steps, state, data_iter, force=True)
         results = evaluation.run_evaluators(evaluators, state.params)
     checkpointer.close()
+    if hasattr(data_iter, "close"):  # stops grain's worker processes and frees their shared memory
+        data_iter.close()
     writer.write(config.total_steps, results)
     final = dict(sorted(results.items()), steps=config.total_steps, train_seconds=round(train_seconds, 2),
                  resumed_from_step=start_step)

@@ -1,0 +1,93 @@
+"""End to end through the command line: train, kill -9, resume, evaluate, export, plot."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+from safetensors.numpy import load_file
+
+SMALL = ["--config.model.image.width=32", "--config.model.image.depth=1", "--config.model.image.mlp_dim=64",
+         "--config.model.image.num_heads=2", "--config.model.text.width=32", "--config.model.text.depth=1",
+         "--config.model.text.mlp_dim=64", "--config.model.text.num_heads=2", "--config.model.embed_dim=32",
+         "--config.batch_size=16", "--config.optim.warmup_steps=2", "--config.log_every=5",
+         "--config.checkpoint_every=5", "--config.evals.zeroshot.num_examples=64",
+         "--config.evals.retrieval.num_examples=64", "--config.mesh.num_devices=1"]
+
+
+def env():
+    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def train_cmd(workdir, steps):
+    return [sys.executable, "-m", "vlp.train", "--config=configs/clip.py:tiny", f"--workdir={workdir}",
+            f"--config.total_steps={steps}", *SMALL]
+
+
+def run(cmd):
+    out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_train_kill_resume_eval_export_plot(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(workdir, 400), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "checkpoints" / "10").is_dir():
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (workdir / "checkpoints" / "10").is_dir(), "no checkpoint was written before the kill"
+
+    stdout = run(train_cmd(workdir, 40))
+    final = json.loads(stdout.strip().splitlines()[-1])
+    assert final["resumed_from_step"] >= 10 and final["steps"] == 40
+    for key in ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "steps", "train_seconds"):
+        assert key in final
+    assert "samples/s" in stdout and "ETA" in stdout
+    saved = json.loads((workdir / "final_metrics.json").read_text())
+    assert saved == final
+    provenance = json.loads((workdir / "provenance.json").read_text())
+    assert provenance["device_count"] >= 1 and provenance["packages"]["jax"]
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 40
+
+    evaluated = json.loads(run([sys.executable, "tools/eval.py", f"--workdir={workdir}",
+                                "--set", "evals.zeroshot.num_examples=64"]).strip().splitlines()[-1])
+    assert evaluated["step"] == 40
+    assert evaluated["zeroshot_top1"] == pytest.approx(final["zeroshot_top1"])
+    assert {"zeroshot_top5", "retrieval_i2t_r10", "retrieval_t2i_r5"} <= set(evaluated)
+
+    out_dir = tmp_path / "export"
+    run([sys.executable, "tools/export.py", f"--workdir={workdir}", "--format=safetensors", f"--out={out_dir}"])
+    tensors = load_file(str(out_dir / "model.safetensors"))
+    model_config = json.loads((out_dir / "model_config.json").read_text())
+    assert model_config["objective"] == "clip" and model_config["step"] == 40
+    assert tensors["image/patch_embed/kernel"].shape == (8, 8, 3, 32)
+    assert np.isfinite(tensors["log_logit_scale"]).all()
+
+    png = run([sys.executable, "tools/plot_metrics.py", f"--workdir={workdir}"]).strip().splitlines()[-1]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("tool", ["tools/eval.py", "tools/export.py", "tools/plot_metrics.py",
+                                  "benchmarks/throughput.py", "benchmarks/loss_memory.py"])
+def test_tools_have_help(tool):
+    out = run([sys.executable, tool, "--help"])
+    assert "usage:" in out
+
+
+def test_unknown_config_flag_fails_at_start(tmp_path):
+    out = subprocess.run(train_cmd(tmp_path / "x", 5) + ["--config.optim.learning_rate=0.1"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "learning_rate" in out.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
