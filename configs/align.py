@@ -7,6 +7,8 @@ with the same lr and weight decay.
 Variants: `tiny` (CPU demo on shapes), `B/16`, `L/14`.
 """
 
+from pathlib import Path
+
 from vlp import config as vlp_config
 
 VARIANTS = ("tiny", "B/16", "L/14")
@@ -14,13 +16,7 @@ VARIANTS = ("tiny", "B/16", "L/14")
 
 def get_config(arg: str | None = None):
     variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location("vlp_configs_clip", pathlib.Path(__file__).with_name("clip.py"))
-    clip = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clip)
-    c = clip.get_config(variant)
+    c = vlp_config.load_config_file(f"{Path(__file__).with_name('clip.py')}:{variant}")  # same towers and data
     c.objective = "align"
     c.loss.label_smoothing = 0.1
     c.model.logit_scale_parameterization = "temperature"

@@ -12,7 +12,7 @@ low-saturation grey background (gradient + optional stripes + noise) that never 
 
 Sizes and positions are defined at 32 px and scaled with ``image_size``: the main shape spans (at most) a disc
 of diameter 11-13 px (small), 15-17.5 px (medium) or 19.5-22 px (large), distractors 6-9 px; its area centroid
-lies in its quadrant, at least 2.5 px from the image midlines. Content (label, geometry, captions) does not
+lies in its quadrant, at least 4 px from the image midlines. Content (label, geometry, captions) does not
 depend on ``image_size``; only the rendering does.
 
 Measured (tests assert the bounds): a 4x4x4 colour-histogram nearest-centroid classifier gets ~13% top-1
@@ -81,7 +81,7 @@ _SPLIT_IDS = {"train": 1, "validation": 2, "test": 3}
 _REF = 32.0  # geometry is specified at 32 px and scaled
 _DIAMETERS = ((11.0, 13.0), (15.0, 17.5), (19.5, 22.0))  # per SIZES entry, at 32 px
 _DISTRACTOR_DIAMETER = (6.0, 9.0)
-_MIDLINE_MARGIN = 2.5
+_MIDLINE_MARGIN = 4.0  # clear of the 16-px patch boundary, so a tiny ViT can read the quadrant
 _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE = 16, 1024
 _MAX_GRAIN = 24.0  # peak-to-peak amplitude of the grain added to every pixel
 _TABLE_EXTENT = 1.15  # every shape fits [-1.1, 1.1]^2 in normalised units

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _check_finite(policy: str, step: int, logged: dict[str, float]) -> None:
     if logged["nonfinite_steps"] and policy == "stop":
-        bad = [k for k, v in logged.items() if k.startswith("loss") and not jnp.isfinite(v)]
+        bad = [k for k, v in logged.items() if k.startswith("loss") and not math.isfinite(v)]
         raise NonFiniteLossError(
             f"non-finite loss or gradient: {int(logged['nonfinite_steps'])} step(s) up to step {step} were not "
             f"applied (non-finite terms at step {step}: {bad or 'gradient'}); set nan_policy='skip' to go on")
