@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from vlp.train.metrics import read_jsonl
@@ -40,3 +41,31 @@ def test_rerun_of_finished_run_restores_and_only_evaluates(tmp_path):
     again = train_and_evaluate(config, tmp_path)
     assert again["resumed_from_step"] == 3
     assert again["zeroshot_top1"] == first["zeroshot_top1"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    config = tiny_config(total_steps=8, checkpoint_every=4, keep_checkpoints=3)
+    train_and_evaluate(config, tmp_path)
+    full_losses = losses(tmp_path)
+    # Damage the final checkpoint: its array data is gone, its metadata says it is complete.
+    for path in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if path.is_file() and "METADATA" not in path.name:
+            path.write_bytes(b"")
+    (tmp_path / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        final = train_and_evaluate(config, tmp_path)
+    assert final["resumed_from_step"] == 4
+    assert "checkpoint step 8" in caplog.text and "cannot be restored" in caplog.text
+    assert (tmp_path / "checkpoints" / "8.corrupt").is_dir()  # kept for inspection, not deleted
+    assert (tmp_path / "checkpoints" / "8").is_dir()  # written again by the resumed run
+    assert all(losses(tmp_path)[s] == full_losses[s] for s in range(5, 9))
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    config = tiny_config(total_steps=4)
+    train_and_evaluate(config, tmp_path)
+    for path in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if path.is_file() and "METADATA" not in path.name:
+            path.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no restorable checkpoint"):
+        train_and_evaluate(config, tmp_path)

@@ -1,7 +1,8 @@
 """Checkpoints through orbax's CheckpointManager: the TrainState and the grain iterator position, saved together.
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when complete). Restore
-takes the newest step that deserialises; a damaged one is reported and the previous one is tried.
+takes the newest step that deserialises; a damaged one is reported, moved aside to `<step>.corrupt` (kept for
+inspection, and so that training can write that step again) and the previous one is tried.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class Checkpointer:
         steps = [step] if step is not None else list(reversed(self.all_steps()))
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        errors = []
+        errors, failed = [], []
         for candidate in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
@@ -61,9 +63,24 @@ class Checkpointer:
                 log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
                             candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
                 errors.append(f"step {candidate}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                failed.append(candidate)
                 continue
+            self._quarantine(failed)
             return candidate, restored["state"]
         raise RuntimeError(f"no restorable checkpoint in {self.directory}: " + "; ".join(errors))
+
+    def _quarantine(self, steps: list[int]) -> None:
+        if not steps or jax.process_index() != 0:
+            return
+        for step in steps:
+            path = self.directory / str(step)
+            target = path.with_name(f"{step}.corrupt")
+            suffix = 1
+            while target.exists():
+                target, suffix = path.with_name(f"{step}.corrupt{suffix}"), suffix + 1
+            path.rename(target)
+            log.warning("moved unreadable checkpoint %s to %s", path, target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
