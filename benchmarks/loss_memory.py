@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for variant in sorted(SOFTMAX_VARIANTS):
         for batch in args.batches:
-            def loss(image, text):
+            def loss(image, text, variant=variant):
                 return sharded_softmax_contrastive_loss(image, text, jnp.float32(10.0), mesh=mesh,
                                                         variant=variant)[0]
 

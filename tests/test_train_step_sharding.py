@@ -23,7 +23,8 @@ def batch():
     config = tiny_config()
     exp = build_experiment(config)
     ds = make_train_dataset(make_source("shapes", "train", 32), SelectCaption("both", 0),
-                            TokenizeBatch(exp.objective.tokenizer, config.data.max_text_len), TrainStreamSpec(16, seed=0))
+                            TokenizeBatch(exp.objective.tokenizer, config.data.max_text_len),
+                            TrainStreamSpec(16, seed=0))
     return next(iter(ds))
 
 

@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -46,8 +47,6 @@ class Objective(abc.ABC):
 
 def resolve_compute_dtype(name: str) -> Any:
     """`auto` -> bfloat16 on GPU/TPU, float32 on CPU (params and optimizer state stay float32)."""
-    import jax.numpy as jnp
-
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else jnp.float32
     return jnp.dtype(name)

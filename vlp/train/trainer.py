@@ -188,49 +188,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     writer = MetricWriter(workdir)
     flops_per_example = exp.objective.train_flops_per_example()
     peak = peak_flops_per_device(jax.devices()[0], config.hardware.peak_flops_per_device)
-    throughput = _Throughput(config.batch_size, config.total_steps)
-    nonfinite_total = jnp.zeros((), jnp.int32)
     loop_start = time.perf_counter()
     metrics: dict[str, Any] = {}
-    with exp.context():
-        for step in range(start_step, config.total_steps):
-            data_start = time.perf_counter()
-            batch = sharding.host_to_global(next(data_iter), exp.mesh)
-            throughput.data_seconds += time.perf_counter() - data_start
-            state, metrics = train_step(state, batch)
-            nonfinite_total = nonfinite_total + metrics["nonfinite"]
-            done = step + 1
-            if done == start_step + 1:  # exclude compilation from the first interval's throughput
-                jax.block_until_ready(state)
-                throughput.reset(done)
-            if done % config.log_every == 0 or done == config.total_steps:
-                logged = to_python(metrics)
-                logged["nonfinite_steps"] = float(nonfinite_total)
-                _check_finite(config.nan_policy, done, logged)
-                if done > throughput.start_step:
-                    logged.update(throughput.summary(done))
-                    if peak:
-                        logged["mfu"] = (flops_per_example * logged["samples_per_second"]
-                                         / (peak * jax.device_count()))
-                writer.write(done, logged)
-                say(progress_line(done, config.total_steps, logged))
-                throughput.reset(done)
-            if done % config.checkpoint_every == 0 and done != config.total_steps:
-                checkpointer.save(done, state, data_iter)
-                throughput.reset(done)
-            if done % config.eval_every == 0 and done != config.total_steps:
-                results = evaluation.run_evaluators(evaluators, state.params)
-                writer.write(done, results)
-                say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
-                throughput.reset(done)
-        train_seconds = time.perf_counter() - loop_start
-        if checkpointer.latest_step() != config.total_steps:
-            checkpointer.save(config.total_steps, state, data_iter, force=True)
-        results = evaluation.run_evaluators(evaluators, state.params)
-    checkpointer.close()
-    if hasattr(data_iter, "close"):  # stops grain's worker processes and frees their shared memory
-        data_iter.close()
-    writer.write(config.total_steps, results)
+    try:
+        with exp.context():
+            state, metrics = _train_loop(exp, state, start_step, data_iter, train_step, checkpointer, evaluators,
+                                         writer, flops_per_example, peak)
+            train_seconds = time.perf_counter() - loop_start
+            if checkpointer.latest_step() != config.total_steps:
+                checkpointer.save(config.total_steps, state, data_iter, force=True)
+            results = evaluation.run_evaluators(evaluators, state.params)
+            writer.write(config.total_steps, results)
+    finally:  # also on errors: finish pending async saves, stop grain workers, flush metrics
+        checkpointer.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+        writer.close()
     final = dict(sorted(results.items()), steps=config.total_steps, train_seconds=round(train_seconds, 2),
                  resumed_from_step=start_step)
     if metrics:
@@ -238,11 +211,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         print(json.dumps(final), flush=True)
-    writer.close()
     return final
 
 
-def _check_finite(policy: str, step: int, logged: dict[str, float]) -> None:
+def _train_loop(exp: Experiment, state: TrainState, start_step: int, data_iter: Any, train_step: Callable,
+                checkpointer: Checkpointer, evaluators: dict, writer: MetricWriter, flops_per_example: float,
+                peak: float | None) -> tuple[TrainState, dict]:
+    """Steps start_step..total_steps with logging, periodic checkpoints and evals; returns (state, last metrics)."""
+    config = exp.config
+    throughput = _Throughput(config.batch_size, config.total_steps)
+    nonfinite_total = jnp.zeros((), jnp.int32)
+    metrics: dict[str, Any] = {}
+    for step in range(start_step, config.total_steps):
+        data_start = time.perf_counter()
+        batch = sharding.host_to_global(next(data_iter), exp.mesh)
+        throughput.data_seconds += time.perf_counter() - data_start
+        state, metrics = train_step(state, batch)
+        nonfinite_total = nonfinite_total + metrics["nonfinite"]
+        done = step + 1
+        if done == start_step + 1:  # exclude compilation from the first interval's throughput
+            jax.block_until_ready(state)
+            throughput.reset(done)
+        if done % config.log_every == 0 or done == config.total_steps:
+            logged = to_python(metrics)
+            logged["nonfinite_steps"] = float(nonfinite_total)
+            check_finite(config.nan_policy, done, logged)
+            if done > throughput.start_step:
+                logged.update(throughput.summary(done))
+                if peak:
+                    logged["mfu"] = flops_per_example * logged["samples_per_second"] / (peak * jax.device_count())
+            writer.write(done, logged)
+            say(progress_line(done, config.total_steps, logged))
+            throughput.reset(done)
+        if done % config.checkpoint_every == 0 and done != config.total_steps:
+            checkpointer.save(done, state, data_iter)
+            throughput.reset(done)
+        if done % config.eval_every == 0 and done != config.total_steps:
+            results = evaluation.run_evaluators(evaluators, state.params)
+            writer.write(done, results)
+            say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+            throughput.reset(done)
+    return state, metrics
+
+
+def check_finite(policy: str, step: int, logged: dict[str, float]) -> None:
     if logged["nonfinite_steps"] and policy == "stop":
         bad = [k for k, v in logged.items() if k.startswith("loss") and not math.isfinite(v)]
         raise NonFiniteLossError(
