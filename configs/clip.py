@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
         c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
         c.model.embed_dim = 96
         c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 800, 400
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
     else:
         # Cluster scale: 32k global batch, AdamW (0.9, 0.98), lr 5e-4 (B/16) / 4e-4 (L/14), wd 0.2, 2k warmup.
         c.total_steps = 100_000
