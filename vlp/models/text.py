@@ -63,7 +63,10 @@ class TextTransformer(nn.Module):
                          name="token_embed")
         pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(0.01), ("length", "embed")),
                          (self.max_len, self.width), jnp.float32)
-        x = embed(tokens) + pos[:length].astype(self.dtype)[None]
+        # Look up in a replicated copy of the table: gathering rows of an FSDP-sharded table into batch-sharded
+        # activations makes XLA rematerialise the whole gradient; the all-gather here is what FSDP does anyway.
+        table = layers.constrain(embed.embedding.astype(self.dtype), (None, None))
+        x = jnp.take(table, tokens, axis=0) + pos[:length].astype(self.dtype)[None]
         mask = None
         if not self.causal:
             mask = (tokens != self.pad_id)[:, None, None, :]
