@@ -2,7 +2,7 @@
 """Train a sentencepiece tokenizer with vlp's special ids (pad 0, unk 1, eos = the highest id) on captions.
 
   python tools/train_tokenizer.py --captions=captions.txt --out=tok/my_sp --vocab_size=32000
-  python tools/train_tokenizer.py --shapes --out=tok/shapes_sp      # the bundled shapes tokenizer, rebuilt
+  python tools/train_tokenizer.py --shapes --out=tok               # writes tok/shapes_sp.model (the bundled one)
 
 `--captions` is a text file with one caption per line. Use the result with `--config.data.tokenizer=<out>.model`.
 """
@@ -19,15 +19,15 @@ def main(argv: list[str] | None = None) -> str:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--captions", help="text file, one caption per line")
     source.add_argument("--shapes", action="store_true", help="rebuild the bundled shapes tokenizer")
-    parser.add_argument("--out", required=True, help="output prefix: writes <out>.model and <out>.vocab")
+    parser.add_argument("--out", required=True,
+                        help="output prefix: writes <out>.model and <out>.vocab (with --shapes: a directory)")
     parser.add_argument("--vocab_size", type=int, default=32000, help="number of pieces (with --captions)")
     args = parser.parse_args(argv)
 
     from vlp.data.tokenizer import Tokenizer, build_shapes_tokenizer, train_sentencepiece
 
     if args.shapes:
-        out_dir = Path(args.out).parent
-        model_path = build_shapes_tokenizer(out_dir)
+        model_path = build_shapes_tokenizer(args.out)
     else:
         lines = [line.strip() for line in Path(args.captions).read_text(encoding="utf-8").splitlines()]
         texts = [line for line in lines if line]

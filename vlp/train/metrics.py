@@ -75,10 +75,9 @@ class MetricWriter:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, float(value), int(step))
-            self._tb.flush()
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, float(value), int(step))
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -189,7 +189,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     flops_per_example = exp.objective.train_flops_per_example()
     peak = peak_flops_per_device(jax.devices()[0], config.hardware.peak_flops_per_device)
     loop_start = time.perf_counter()
-    metrics: dict[str, Any] = {}
     try:
         with exp.context():
             state, metrics = _train_loop(exp, state, start_step, data_iter, train_step, checkpointer, evaluators,
