@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/loss_memory.py
 
 clean:

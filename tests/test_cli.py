@@ -79,7 +79,7 @@ def test_train_kill_resume_eval_export_plot(tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["tools/eval.py", "tools/export.py", "tools/plot_metrics.py",
-                                  "benchmarks/throughput.py", "benchmarks/loss_memory.py"])
+                                  "benchmarks/train_step.py", "benchmarks/loss_memory.py"])
 def test_tools_have_help(tool):
     out = run([sys.executable, tool, "--help"])
     assert "usage:" in out

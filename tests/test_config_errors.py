@@ -33,7 +33,10 @@ def test_mesh_that_does_not_match_devices():
 @pytest.mark.parametrize("key,value,message", [
     ("optim.lr", "-0.1", r"optim.lr=-0.1 must be > 0"),
     ("total_steps", "0", r"total_steps=0 must be a positive integer"),
-    ("objective", "clipp", r"objective='clipp'; valid: \['align', 'clip'\]"),
+    ("objective", "clipp", r"objective='clipp'; valid: \['align', 'clip', 'siglip'\]"),
+    ("loss.variant", "allgather", r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
+    ("model.text.vocab_size", "100", r"model.text.vocab_size=100 is smaller than the vocab size 384"),
+    ("objective", "siglip", r"objective 'siglip' learns a logit bias: set model.logit_bias_init"),
     ("data.train_caption", "long", r"data.train_caption='long'; valid"),
     ("optim.warmup_steps", "100", r"optim.warmup_steps=100 must be in \[0, total_steps=8\)"),
 ])

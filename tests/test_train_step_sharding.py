@@ -1,13 +1,15 @@
-"""The same train step on 8 virtual CPU devices (meshes 8x1x1 and 2x4x1) equals the 1-device step."""
+"""The same train step on 8 virtual CPU devices (meshes 8x1x1, 2x4x1, 2x2x2) equals the 1-device step, and the
+big variants' parameters are really split by FSDP and tensor parallelism."""
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from vlp.data.pipeline import TrainStreamSpec, make_train_dataset
 from vlp.data.sources import make_source
 from vlp.data.transforms import SelectCaption, TokenizeBatch
+from vlp import config as vlp_config
 from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment, jit_train_step
 
@@ -52,7 +54,7 @@ def single(batch):
     return run_step((1, 1, 1), 1, batch)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_step_equals_single_device(mesh_shape, batch, single):
     sharded = run_step(mesh_shape, -1, batch, initial_params=single["initial"])
     assert abs(sharded["loss"] - single["loss"]) / abs(single["loss"]) <= 1e-5
@@ -70,3 +72,33 @@ def test_fsdp_mesh_shards_parameters():
     state = exp.init_state()
     assert sharding.sharded_fraction(state.params) > 0.9
     assert sharding.sharded_fraction(state.opt_state) > 0.9
+
+
+def big_variant_shardings(spec, mesh_shape):
+    config = vlp_config.load_config_file(str(REPO / "configs" / spec))
+    vlp_config.apply_overrides(config, {"mesh.shape": str(mesh_shape)})
+    return build_experiment(config).abstract_state  # shapes and shardings only: nothing is allocated
+
+
+@pytest.mark.parametrize("spec", ["clip.py:B/16", "siglip.py:B/16"])
+def test_fsdp_shards_at_least_95_percent_of_b16_parameter_bytes(spec):
+    state = big_variant_shardings(spec, (1, 8, 1))
+    params = jax.tree.leaves(state.params)
+    assert sum(p.size for p in params) > 80e6  # really a B/16 (86M image tower + text tower)
+    assert sharding.sharded_fraction(state.params) >= 0.95
+    assert sharding.sharded_fraction(state.opt_state) >= 0.95  # Adam moments inherit the params' shardings
+
+
+def test_tensor_parallel_splits_heads_and_mlp_of_big_variants():
+    state = big_variant_shardings("clip.py:L/14", (1, 4, 2))
+    specs = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.sharding.spec
+             for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    mlp_in = [spec for name, spec in specs.items() if name.startswith("image/") and "mlp" in name.lower()
+              and name.endswith("kernel")]
+    attention = [spec for name, spec in specs.items() if name.startswith("image/") and "attn" in name.lower()
+                 and name.endswith("kernel")]
+    assert mlp_in and attention, sorted(specs)[:20]
+    # Every MLP and attention kernel is split on `tensor` (mlp / heads) and on `fsdp` (embed).
+    for spec in mlp_in + attention:
+        flat_axes = [a for axes in spec if axes for a in (axes if isinstance(axes, tuple) else (axes,))]
+        assert "tensor" in flat_axes and "fsdp" in flat_axes, spec

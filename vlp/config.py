@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         text=dict(
             width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot", remat=False,
+            # Rows of the token embedding table; unset = the tokenizer's vocab size. Set (>= the tokenizer's) to
+            # benchmark a realistic table with the small bundled tokenizer (which never produces the extra ids).
+            vocab_size=config_dict.placeholder(int),
         ),
         embed_dim=128,
         image_projection=True,
@@ -61,12 +64,18 @@ def base_config() -> ml_collections.ConfigDict:
         logit_bias_init=config_dict.placeholder(float),
     )
 
+    # gather: local rows x all-gathered columns (fast, memory grows with the batch); ring: blocks passed around the
+    # batch devices, per-device memory independent of the device count (for very large batches).
     c.loss = dict(variant="gather", label_smoothing=0.0)
 
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
     )
+
+    # steps > 1: one optimizer step over `steps` micro-batches of batch_size / steps. gradcache keeps every
+    # negative of the global batch in contrastive losses (exact); plain averages micro-batch losses (fewer negatives).
+    c.accumulation = dict(steps=1, mode="gradcache")
 
     c.mesh = dict(shape=(-1, 1, 1), num_devices=-1)  # axes (data, fsdp, tensor); -1 = all remaining devices
     c.sharding_rules = DEFAULT_RULES
@@ -89,13 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _coerce(value: str, current: Any, key: str) -> Any:
-    if isinstance(current, str) or current is None:
+def _coerce(value: str, current: Any, key: str, declared: type | None = None) -> Any:
+    # An unset placeholder (current None) is parsed by its declared type: int and float placeholders reject strings.
+    if isinstance(current, str) or (current is None and declared not in (int, float, bool)):
         return value
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"config key {key!r}: cannot parse {value!r} as {type(current).__name__}") from e
+        expected = (declared or type(current)).__name__
+        raise ValueError(f"config key {key!r}: cannot parse {value!r} as {expected}") from e
     if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
     return parsed
@@ -115,7 +126,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             if i < len(parts) - 1:
                 node = node[part]
         current = node[parts[-1]]
-        node[parts[-1]] = _coerce(raw, current, dotted)
+        node[parts[-1]] = _coerce(raw, current, dotted, node.get_type(parts[-1]) if current is None else None)
 
 
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
@@ -141,7 +152,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that do not depend on the devices (the trainer checks mesh and batch divisibility)."""
     from vlp.data import sources
     from vlp.data.transforms import CAPTION_CHOICES
+    from vlp.losses.contrastive import LOSS_VARIANTS
     from vlp.objectives import available_objectives
+    from vlp.train import accumulation
 
     _check(config.objective in available_objectives(),
            f"objective={config.objective!r}; valid: {available_objectives()}")
@@ -152,15 +165,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, total_steps={config.total_steps})")
     _check(config.optim.weight_decay >= 0, f"optim.weight_decay={config.optim.weight_decay} must be >= 0")
     _check(0 <= config.loss.label_smoothing < 1, f"loss.label_smoothing={config.loss.label_smoothing} not in [0, 1)")
+    variants = sorted(LOSS_VARIANTS["softmax"])
+    _check(config.loss.variant in variants, f"loss.variant={config.loss.variant!r}; valid: {variants}")
     _check(config.data.source in sources.SOURCES, f"data.source={config.data.source!r}; valid: {list(sources.SOURCES)}")
     _check(config.data.train_caption in CAPTION_CHOICES,
            f"data.train_caption={config.data.train_caption!r}; valid: {CAPTION_CHOICES}")
     _check(0 <= config.data.synthetic_caption_prob <= 1,
            f"data.synthetic_caption_prob={config.data.synthetic_caption_prob} must be in [0, 1]")
     _check(config.data.max_text_len >= 2, f"data.max_text_len={config.data.max_text_len} must be >= 2")
+    vocab_size = config.model.text.vocab_size
+    _check(vocab_size is None or (isinstance(vocab_size, int) and vocab_size > 0),
+           f"model.text.vocab_size={vocab_size!r} must be unset or a positive integer")
     _check(config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count} must be >= 0")
     _check(config.precision.compute_dtype in COMPUTE_DTYPES,
            f"precision.compute_dtype={config.precision.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
+    _check(isinstance(config.accumulation.steps, int) and config.accumulation.steps >= 1,
+           f"accumulation.steps={config.accumulation.steps!r} must be a positive integer")
+    _check(config.accumulation.mode in accumulation.MODES,
+           f"accumulation.mode={config.accumulation.mode!r}; valid: {accumulation.MODES}")
     _check(config.nan_policy in NAN_POLICIES, f"nan_policy={config.nan_policy!r}; valid: {NAN_POLICIES}")
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'")

@@ -4,8 +4,6 @@ reproduced (see configs/align.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 
 from vlp.objectives import register
@@ -23,7 +21,7 @@ class AlignObjective(ClipObjective):
             raise ValueError("objective 'align' divides by a learnable temperature: set "
                              "model.logit_scale_parameterization='temperature' (configs/align.py does)")
 
-    def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        loss, metrics = super().loss_fn(params, batch, rng)
+    def loss_from_embeddings(self, out: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+        loss, metrics = super().loss_from_embeddings(out)
         metrics["temperature"] = 1.0 / metrics["logit_scale"]
         return loss, metrics

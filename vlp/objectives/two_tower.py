@@ -10,10 +10,12 @@ import ml_collections
 import numpy as np
 
 from vlp.data.tokenizer import Tokenizer
+from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
 from vlp.models.vit import vit_shape
-from vlp.objectives.base import Objective, resolve_compute_dtype
+from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
+from vlp.parallel.mesh import BATCH_AXES
 
 
 def image_tower_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -31,8 +33,14 @@ def image_tower_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
+    """TextTransformer keyword arguments; `model.text.vocab_size` (if set) widens the embedding table."""
     text = model.text
-    return dict(vocab_size=tokenizer.vocab_size, max_len=max_len, width=text.width, depth=text.depth,
+    vocab_size = text.get("vocab_size") or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"invalid config: model.text.vocab_size={vocab_size} is smaller than the vocab size "
+                         f"{tokenizer.vocab_size} of tokenizer {tokenizer.model_path}; use >= "
+                         f"{tokenizer.vocab_size} or leave it unset")
+    return dict(vocab_size=vocab_size, max_len=max_len, width=text.width, depth=text.depth,
                 mlp_dim=text.mlp_dim, num_heads=text.num_heads, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                 causal=text.causal, pool=text.pool, remat=text.remat, activation=model.activation,
                 ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
@@ -56,7 +64,12 @@ def build_two_tower(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> 
 
 
 class TwoTowerObjective(Objective):
-    """Base of the dual-encoder objectives: builds the model, the tokenizer and the encoders for evaluation."""
+    """Base of the dual-encoder objectives: builds the model, the tokenizer and the encoders for evaluation.
+
+    Subclasses set `loss_kind`, a kind of `vlp.losses.contrastive.LOSS_VARIANTS` ("softmax" or "sigmoid").
+    """
+
+    loss_kind: str = "softmax"
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -76,7 +89,22 @@ class TwoTowerObjective(Objective):
         return self.model.init(rng, jnp.asarray(batch["image"]), jnp.asarray(batch["text"]))["params"]
 
     def embed(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """image_emb, text_emb [B, D] (L2-normalised fp32), logit_scale and logit_bias (scalars)."""
         return self.model.apply({"params": params}, batch["image"], batch["text"])
+
+    def loss_from_embeddings(self, out: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+        """The `loss_kind` contrastive loss of `embed`'s output over the global batch (sharded on the batch axes).
+
+        Split from `loss_fn` so gradient accumulation can compute it once on the embeddings of all micro-batches.
+        """
+        return sharded_contrastive_loss(
+            self.loss_kind, out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"],
+            label_smoothing=self.config.loss.label_smoothing, batch_axes=BATCH_AXES,
+            variant=self.config.loss.variant)
+
+    def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        del rng  # deterministic forward (no dropout)
+        return self.loss_from_embeddings(self.embed(params, batch))
 
     def encode_image(self, params: Any, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] -> L2-normalised [B, D]."""
@@ -87,14 +115,16 @@ class TwoTowerObjective(Objective):
         return self.model.apply({"params": params}, tokens, method=TwoTower.encode_text)
 
     def train_flops_per_example(self) -> float:
-        image, text = self.model.image, self.model.text
+        """Model FLOPs (MaxText's matmul count, x3 for forward + backward) per example: both towers, the
+        projections and the example's row of the [B, B] logits (which grows with the global batch)."""
+        model, image, text = self.model, self.model.image, self.model.text
         forward = flops.vit_forward_flops(self.config.data.image_size, image["patch_size"], image["width"],
-                                          image["depth"], image["mlp_dim"],
-                                          image["num_cls_tokens"] if image["pool"] == "cls" else 0)
+                                          image["depth"], image["mlp_dim"], image["num_cls_tokens"], image["pool"])
         forward += flops.text_forward_flops(text["max_len"], text["width"], text["depth"], text["mlp_dim"],
                                             text["causal"])
-        embed_dim = self.model.embed_dim or 0
-        forward += 2 * embed_dim * (image["width"] + text["width"])
+        embed_dim = model.embed_dim or image["width"]  # no projections: the towers' own width
+        forward += 2 * embed_dim * (image["width"] * model.image_projection + text["width"] * model.text_projection)
+        forward += flops.contrastive_logits_forward_flops(self.config.batch_size, embed_dim)
         return 3.0 * forward
 
     def model_config(self) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """`python -m vlp.train --config=configs/clip.py:tiny --workdir=runs/x [--config.total_steps=300]`.
 
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's latest checkpoint. The same command runs on every host of a
+multi-host job (TPU pod slice, SLURM, GKE, launch/cpu_multiprocess.sh): `vlp.parallel.distributed` reads the layout
+from the environment.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, XLA) drown the progress lines
         logging.set_verbosity(logging.WARNING)
+    from vlp.parallel import distributed
+
+    distributed.initialize()  # before anything touches a device
     from vlp.train.trainer import train_and_evaluate
 
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -25,7 +25,7 @@ from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
-from vlp.train import evaluation
+from vlp.train import accumulation, evaluation
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
@@ -79,11 +79,15 @@ def _init_fn(objective: Objective, optimizer: optax.GradientTransformation) -> C
     return init
 
 
-def check_batch_divisibility(batch_size: int, mesh: Mesh, process_count: int) -> None:
+def check_batch_divisibility(batch_size: int, mesh: Mesh, process_count: int, accumulation_steps: int = 1) -> None:
     shards = mesh_lib.batch_shard_count(mesh)
     if batch_size % shards:
         raise ValueError(f"invalid config: batch_size={batch_size} is not divisible by data x fsdp = {shards} "
                          f"(mesh {dict(mesh.shape)}); use a multiple of {shards}")
+    if batch_size % (shards * accumulation_steps):
+        raise ValueError(f"invalid config: batch_size={batch_size} cannot be split into accumulation.steps="
+                         f"{accumulation_steps} micro-batches over data x fsdp = {shards} devices; use a multiple "
+                         f"of {shards * accumulation_steps}")
     if batch_size % process_count:
         raise ValueError(f"invalid config: batch_size={batch_size} is not divisible by the process count "
                          f"{process_count}")
@@ -92,7 +96,7 @@ def check_batch_divisibility(batch_size: int, mesh: Mesh, process_count: int) ->
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     vlp_config.validate(config)
     mesh = mesh_lib.make_mesh(config.mesh.shape, config.mesh.num_devices)
-    check_batch_divisibility(config.batch_size, mesh, jax.process_count())
+    check_batch_divisibility(config.batch_size, mesh, jax.process_count(), config.accumulation.steps)
     rules = sharding.as_rules(config.sharding_rules)
     objective = get_objective(config.objective)(config)
     optimizer, schedule = make_optimizer(config.optim, config.total_steps)
@@ -105,12 +109,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    seed: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A pure step. A non-finite loss or gradient leaves params and optimizer state unchanged (`nonfinite` = 1)."""
+                    seed: int, accumulation_steps: int = 1,
+                    accumulation_mode: str = "gradcache") -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A pure step. A non-finite loss or gradient leaves params and optimizer state unchanged (`nonfinite` = 1).
+
+    `accumulation_steps` > 1 splits the global batch into micro-batches (see vlp/train/accumulation.py).
+    """
+    grad_fn = accumulation.make_grad_fn(objective, accumulation_steps, accumulation_mode)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        (loss, metrics), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(state.params, batch, rng)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -126,7 +135,9 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
 
 def jit_train_step(exp: Experiment) -> Callable:
-    step = make_train_step(exp.objective, exp.optimizer, exp.schedule, exp.config.seed)
+    config = exp.config
+    step = make_train_step(exp.objective, exp.optimizer, exp.schedule, config.seed, config.accumulation.steps,
+                           config.accumulation.mode)
     return jax.jit(step, in_shardings=(exp.state_shardings, exp.batch_shardings()),
                    out_shardings=(exp.state_shardings, None), donate_argnums=(0,))
 

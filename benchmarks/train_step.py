@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Speed of the trainer's own jitted train step on this machine's devices, as one JSON line.
+
+Builds the experiment with `vlp.train.trainer.build_experiment`, compiles `jit_train_step(exp)` ahead of time on a
+synthetic batch that is generated on the devices (no input pipeline), runs warm-up steps, then times each step
+with `jax.block_until_ready`. Reports step time (mean and median), samples/s, the model FLOPs of the objective
+(MaxText's analytic matmul count) next to the compiled step's `cost_analysis()` FLOPs, model TFLOP/s and MFU per
+device, and the compiled memory per device (`memory_analysis()`). Uses the real devices (all of them unless
+`--set mesh.num_devices=N`).
+
+  python benchmarks/train_step.py [--config=configs/clip.py:bench] [--set KEY=VALUE ...] [--steps 20]
+      [--warmup 3] [--peak_tflops X] [--profile_steps A:B --profile_dir DIR]
+
+On GPU/TPU add `--set precision.compute_dtype=bfloat16` (or `auto`); the bench variant is fp32 for CPUs.
+`--profile_steps 2:4` traces timed steps 2 and 3 (0-based, end exclusive) with `jax.profiler` into
+`--profile_dir` (open it with TensorBoard's profile plugin or xprof); traced steps are left out of the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _say(message: str) -> None:
+    print(f"[train_step] {message}", file=sys.stderr, flush=True)
+
+
+def parse_profile_steps(spec: str | None, steps: int) -> range:
+    """`"2:4"` -> range(2, 4), checked against the number of timed steps; None -> an empty range."""
+    if not spec:
+        return range(0)
+    try:
+        start, end = (int(x) for x in spec.split(":"))
+    except ValueError as e:
+        raise SystemExit(f"--profile_steps={spec!r} is not A:B (e.g. 2:4: timed steps 2 and 3)") from e
+    if not 0 <= start < end <= steps:
+        raise SystemExit(f"--profile_steps={spec!r} must satisfy 0 <= A < B <= --steps={steps}")
+    if end - start >= steps:
+        raise SystemExit(f"--profile_steps={spec!r} traces every timed step; use --steps > {end - start}")
+    return range(start, end)
+
+
+def first_cost(analysis: Any) -> dict[str, float]:
+    """`compiled.cost_analysis()` is a dict in recent jax, a one-element list (per program) in older versions."""
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return dict(analysis or {})
+
+
+def synthetic_batch_fn(objective: Any, batch_size: int):
+    """A function rng -> batch shaped like `objective.example_batch`: images uniform in [-1, 1], text ids drawn
+    from every row of the token-embedding table, other integer fields 0."""
+    import jax
+    import jax.numpy as jnp
+
+    example = objective.example_batch(batch_size)
+    text_tower = getattr(getattr(objective, "model", None), "text", None)
+    vocab_rows = text_tower["vocab_size"] if isinstance(text_tower, dict) else objective.tokenizer.vocab_size
+
+    def make(rng: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for i, (key, value) in enumerate(sorted(example.items())):
+            k = jax.random.fold_in(rng, i)
+            if key == "text":
+                out[key] = jax.random.randint(k, value.shape, 1, vocab_rows, jnp.int32)
+            elif jnp.issubdtype(value.dtype, jnp.floating):
+                out[key] = jax.random.uniform(k, value.shape, value.dtype, -1.0, 1.0)
+            else:
+                out[key] = jnp.zeros(value.shape, value.dtype)
+        return out
+
+    return make
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/clip.py:bench", help="config file[:variant,key=value,...]")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak TFLOP/s per device for MFU (default: config hardware.peak_flops_per_device, "
+                             "else the table in vlp/train/metrics.py by device kind)")
+    parser.add_argument("--profile_steps", default=None, metavar="A:B", help="trace timed steps A..B-1")
+    parser.add_argument("--profile_dir", default=None, help="where --profile_steps writes the trace")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    profiled = parse_profile_steps(args.profile_steps, args.steps)
+    if profiled and not args.profile_dir:
+        raise SystemExit("--profile_steps needs --profile_dir (where the trace goes)")
+
+    import jax
+    import jax.numpy as jnp
+
+    from vlp import config as vlp_config
+    from vlp.objectives.base import resolve_compute_dtype
+    from vlp.train.metrics import peak_flops_per_device
+    from vlp.train.trainer import build_experiment, jit_train_step
+
+    config = vlp_config.load_config_file(args.config)
+    vlp_config.apply_overrides(config, vlp_config.parse_overrides(args.set))
+    exp = build_experiment(config)
+    devices = exp.mesh.size
+    _say(f"{args.config} {' '.join(args.set)}: batch {config.batch_size} on {devices} x "
+         f"{jax.devices()[0].device_kind}, mesh {dict(exp.mesh.shape)}")
+
+    state = exp.init_state()
+    with exp.context():
+        batch = jax.jit(synthetic_batch_fn(exp.objective, config.batch_size),
+                        out_shardings=exp.batch_shardings())(jax.random.key(config.seed))
+        start = time.perf_counter()
+        compiled = jit_train_step(exp).lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - start
+        _say(f"compiled in {compile_seconds:.1f}s")
+        for i in range(args.warmup):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            _say(f"warm-up {i + 1}/{args.warmup}")
+        step_seconds = []
+        for i in range(args.steps):
+            if profiled and i == profiled.start:
+                jax.profiler.start_trace(args.profile_dir)
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            seconds = time.perf_counter() - start
+            if profiled and i == profiled.stop - 1:
+                jax.profiler.stop_trace()
+            if i not in profiled:
+                step_seconds.append(seconds)
+            if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
+                _say(f"step {i + 1}/{args.steps}: {seconds:.4f}s{' (traced)' if i in profiled else ''}")
+
+    mean_seconds = statistics.fmean(step_seconds)
+    model_flops_per_step = exp.objective.train_flops_per_example() * config.batch_size
+    model_flops_per_device = model_flops_per_step / devices
+    compiled_flops = first_cost(compiled.cost_analysis()).get("flops")
+    override = args.peak_tflops * 1e12 if args.peak_tflops else config.hardware.peak_flops_per_device
+    peak = peak_flops_per_device(jax.devices()[0], override)
+    model_flops_per_second = model_flops_per_device / mean_seconds
+    memory = compiled.memory_analysis()
+    result = {
+        "config": args.config, "overrides": args.set, "device_kind": jax.devices()[0].device_kind,
+        "devices": devices, "mesh": dict(exp.mesh.shape),
+        "compute_dtype": jnp.dtype(resolve_compute_dtype(config.precision.compute_dtype)).name,
+        "batch_size": config.batch_size, "warmup_steps": args.warmup, "steps": len(step_seconds),
+        "timing": "each step timed alone: dispatch to jax.block_until_ready(state, metrics)",
+        "compile_seconds": round(compile_seconds, 2),
+        "step_seconds_mean": round(mean_seconds, 5),
+        "step_seconds_median": round(statistics.median(step_seconds), 5),
+        "steps_per_second": round(1.0 / mean_seconds, 3),
+        "samples_per_second": round(config.batch_size / mean_seconds, 1),
+        "model_flops_per_step": model_flops_per_step,
+        "model_flops_per_step_per_device": model_flops_per_device,
+        "compiled_flops_per_step_per_device": compiled_flops,
+        "analytic_vs_compiled": round(model_flops_per_device / compiled_flops, 4) if compiled_flops else None,
+        "model_tflops_per_second_per_device": round(model_flops_per_second / 1e12, 4),
+        "peak_tflops_per_device": peak / 1e12 if peak else None,
+        "mfu": round(model_flops_per_second / peak, 4) if peak else None,
+        "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes_per_device": getattr(memory, "argument_size_in_bytes", None),
+        "output_bytes_per_device": getattr(memory, "output_size_in_bytes", None),
+        "alias_bytes_per_device": getattr(memory, "alias_size_in_bytes", None),
+        "loss": float(metrics["loss"]),
+    }
+    if profiled:
+        traces = sorted(str(p) for p in Path(args.profile_dir).rglob("*.xplane.pb"))
+        result.update(profiled_steps=f"{profiled.start}:{profiled.stop}", profile_dir=args.profile_dir,
+                      trace_files=traces[-1:])
+        _say(f"trace of timed steps {profiled.start}..{profiled.stop - 1} written under {args.profile_dir}: "
+             f"{traces[-1] if traces else 'no .xplane.pb found'}")
+    if jax.process_index() == 0:
+        print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
