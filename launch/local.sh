@@ -2,8 +2,15 @@
 # Train on this machine's devices (CPU, one GPU or all local GPUs/TPU chips), resuming if the workdir has a checkpoint.
 #   launch/local.sh configs/clip.py:tiny runs/local [--config.total_steps=300 ...]
 set -euo pipefail
+usage="usage: $0 CONFIG[:VARIANT] WORKDIR [--config.KEY=VALUE ...]
+Runs python -m vlp.train on this machine; running it again resumes from WORKDIR's newest checkpoint.
+Exit codes: 0 done, 75 preempted (checkpoint saved: run again), 65 non-finite loss, 74 checkpoint write failed."
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  echo "$usage"
+  exit 0
+fi
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 CONFIG[:VARIANT] WORKDIR [--config.KEY=VALUE ...]" >&2
+  echo "$usage" >&2
   exit 2
 fi
 config=$1

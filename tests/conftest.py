@@ -1,8 +1,11 @@
 """Test setup: 8 virtual CPU devices for the whole session (set before jax is imported), so sharded tests can
 compare a mesh of 8 against a 1x1x1 mesh of the first device in the same process."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Compilation dominates this suite on 2 cores: skip LLVM's expensive passes (every comparison runs under the same
@@ -10,6 +13,13 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests build the same tiny programs in new closures; a session-wide persistent compilation cache compiles each
+# once (JAX keys it on the program, flags and devices, so a hit is the same executable). Subprocesses inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="vlp-test-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

@@ -1,11 +1,27 @@
-"""Bad configs and workdirs fail at start with a message naming the key, the value and what is valid."""
+"""Bad configs and workdirs fail at start, before anything is compiled, with a message naming the key, the value and
+what is valid."""
+
+import re
 
 import pytest
 from conftest import REPO, tiny_config
 
 from vlp import config as vlp_config
+from vlp.data import sources
+from vlp.train import trainer
 from vlp.train.trainer import build_experiment, train_and_evaluate
 from vlp.train.workdir import prepare_workdir
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+    """Fails the test if train_and_evaluate gets as far as initialising the state or compiling the train step."""
+
+    def compiled(*args, **kwargs):
+        pytest.fail("the bad config was not rejected before the first compilation")
+
+    monkeypatch.setattr(trainer.Experiment, "init_state", compiled)
+    monkeypatch.setattr(trainer, "jit_train_step", compiled)
 
 
 def test_unknown_key_names_valid_keys():
@@ -18,41 +34,110 @@ def test_unknown_variant():
         vlp_config.load_config_file(str(REPO / "configs" / "clip.py") + ":huge")
 
 
-def test_batch_not_divisible_by_mesh():
-    config = tiny_config(batch_size=12, **{"mesh.num_devices": -1})  # 8 devices on (data, fsdp)
-    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data x fsdp = 8"):
-        build_experiment(config)
-
-
-def test_mesh_that_does_not_match_devices():
-    config = tiny_config(**{"mesh.shape": "(3, 1, 1)", "mesh.num_devices": -1})
-    with pytest.raises(ValueError, match=r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used"):
-        build_experiment(config)
-
-
-@pytest.mark.parametrize("key,value,message", [
-    ("optim.lr", "-0.1", r"optim.lr=-0.1 must be > 0"),
-    ("total_steps", "0", r"total_steps=0 must be a positive integer"),
-    ("objective", "clipp", r"objective='clipp'; valid: \['align', 'clip', 'siglip'\]"),
-    ("loss.variant", "allgather", r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
-    ("model.text.vocab_size", "100", r"model.text.vocab_size=100 is smaller than the vocab size 384"),
-    ("objective", "siglip", r"objective 'siglip' learns a logit bias: set model.logit_bias_init"),
-    ("data.train_caption", "long", r"data.train_caption='long'; valid"),
-    ("optim.warmup_steps", "100", r"optim.warmup_steps=100 must be in \[0, total_steps=8\)"),
+# Values that the config file or override parser rejects while the config is built.
+@pytest.mark.parametrize("key,value,error,message", [
+    ("batch_size", "abc", ValueError, r"config key 'batch_size': cannot parse 'abc' as int"),
+    ("batch_size", "12.5", TypeError, r"config key 'batch_size': '12.5' parses as float; valid: a value of type int"),
+    ("optim.lr", "fast", ValueError, r"config key 'optim.lr': cannot parse 'fast' as float"),
+    ("optim.lr", "'fast'", TypeError, r"config key 'optim.lr': \"'fast'\" parses as str; valid: a value of type float"),
 ])
-def test_invalid_values(key, value, message):
-    config = tiny_config(**{key: value})
+def test_values_of_the_wrong_type(key, value, error, message):
+    with pytest.raises(error, match=message):
+        tiny_config(**{key: value})
+
+
+# (overrides, message): each message names the key, the bad value and what would be valid. tiny_config runs on one
+# device; `mesh.num_devices: -1` uses the 8 virtual devices of this test process.
+BAD_CONFIGS = {
+    "negative_lr": ({"optim.lr": "-0.1"}, r"optim.lr=-0.1 must be > 0"),
+    "zero_steps": ({"total_steps": "0"}, r"total_steps=0 must be a positive integer"),
+    "batch_not_divisible_by_data_parallel": (
+        {"batch_size": "12", "mesh.num_devices": "-1"},
+        r"batch_size=12 is not divisible by data x fsdp = 8 .*; use a multiple of 8"),
+    "batch_not_divisible_by_accumulation": (
+        {"accumulation.steps": "3"},
+        r"batch_size=16 cannot be split into accumulation.steps=3 micro-batches .*; use a multiple of 3"),
+    "mesh_product_not_device_count": (
+        {"mesh.shape": "(3, 1, 1)", "mesh.num_devices": "-1"},
+        r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used; valid shapes multiply to 8"),
+    "more_devices_than_exist": (
+        {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
+    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'clip', 'siglip'\]"),
+    "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
+    "model_size_patch_does_not_divide_image": (
+        {"model.image.variant": "B/17"},
+        r"model.image.variant='B/17': patch size 17 does not divide data.image_size=32; valid patch sizes for this "
+        r"image size: \[1, 2, 4, 8, 16, 32\]"),
+    "unknown_model_size": (
+        {"model.image.variant": "X/16"},
+        r"model.image.variant='X/16': unknown ViT variant 'X/16'; valid: '<size>/<patch>' with size in \['Ti', "),
+    "image_size_not_divisible_by_patch": (
+        {"data.image_size": "30"},
+        r"model.image.patch_size=8: patch size 8 does not divide data.image_size=30; valid patch sizes .*\[1, 2, 3, "),
+    "missing_tokenizer_file": (
+        {"data.tokenizer": "/nonexistent/sp.model"},
+        r"data.tokenizer='/nonexistent/sp.model' is not a file; valid: a SentencePiece .model file .* or '' for the "
+        r"bundled"),
+    "unknown_data_source": ({"data.source": "laion"}, r"data.source='laion'; valid: \['shapes'\]"),
+    "unknown_caption_kind": ({"data.train_caption": "long"}, r"data.train_caption='long'; valid: \('noisy', "),
+    "negative_worker_count": ({"data.worker_count": "-1"}, r"data.worker_count=-1 must be >= 0"),
+    "unknown_eval_type": (
+        {"evals.zeroshot.type": "zeroshoot"}, r"evals.zeroshot.type='zeroshoot'; valid: \['retrieval', 'zeroshot'\]"),
+    "unknown_eval_split": (
+        {"evals.retrieval.split": "val"},
+        r"evals.retrieval.split='val'; valid splits of data.source='shapes': \['train', 'validation', 'test'\]"),
+    "empty_eval_set": ({"evals.zeroshot.num_examples": "0"},
+                       r"evals.zeroshot.num_examples=0 must be a positive integer"),
+    "warmup_equals_total_steps": (
+        {"optim.warmup_steps": "8"}, r"optim.warmup_steps=8 must be in \[0, total_steps=8\)"),
+    "warmup_beyond_total_steps": (
+        {"optim.warmup_steps": "100"}, r"optim.warmup_steps=100 must be in \[0, total_steps=8\)"),
+    "unknown_schedule": ({"optim.schedule": "cosin"}, r"optim.schedule 'cosin'; valid: \('cosine', "),
+    "label_smoothing_above_range": ({"loss.label_smoothing": "1.5"}, r"loss.label_smoothing=1.5 not in \[0, 1\)"),
+    "label_smoothing_below_range": ({"loss.label_smoothing": "-0.1"}, r"loss.label_smoothing=-0.1 not in \[0, 1\)"),
+    "negative_accumulation_steps": (
+        {"accumulation.steps": "-2"}, r"accumulation.steps=-2 must be a positive integer"),
+    "unknown_precision_dtype": (
+        {"precision.compute_dtype": "fp16"},
+        r"precision.compute_dtype='fp16'; valid: \('auto', 'float32', 'bfloat16'\)"),
+    "nan_policy_typo": ({"nan_policy": "skp"}, r"nan_policy='skp'; valid: \('stop', 'skip'"),
+    "unknown_image_pooling": ({"model.image.pool": "mean"}, r"model.image.pool='mean'; valid: \('cls', 'gap', 'map'\)"),
+    "vocab_smaller_than_tokenizer": (
+        {"model.text.vocab_size": "100"},
+        r"model.text.vocab_size=100 is smaller than the vocab size 384 .*; use >= 384 or leave it unset"),
+    "siglip_without_logit_bias": (
+        {"objective": "siglip"}, r"objective 'siglip' learns a logit bias: set model.logit_bias_init \(SigLIP: -10.0"),
+    "no_checkpoints_kept": ({"keep_checkpoints": "0"}, r"keep_checkpoints=0 must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_config_fails_before_compilation(tmp_path, no_compilation, overrides, message):
+    config = tiny_config(**overrides)
     with pytest.raises(ValueError, match=message):
-        build_experiment(config)
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_workdir_under_a_regular_file(tmp_path):
+def test_zeroshot_eval_on_a_source_without_class_names(tmp_path, no_compilation, monkeypatch):
+    monkeypatch.setitem(sources.SOURCES, "captions_only", sources.SOURCES["shapes"])
+    config = tiny_config(**{"data.source": "captions_only"})
+    message = (r"evals.zeroshot.type='zeroshot' needs class names: data source 'captions_only' has no class names; "
+               r"valid: \['shapes'\] \(or remove evals.zeroshot\)")
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_workdir_under_a_regular_file(tmp_path, no_compilation):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
-    with pytest.raises(NotADirectoryError, match=r"file.txt exists and is a regular file"):
+    message = rf"cannot create workdir {re.escape(str(blocker / 'run'))}: {re.escape(str(blocker))} exists and is a " \
+              r"regular file, not a directory; choose another --workdir"
+    with pytest.raises(NotADirectoryError, match=message):
         prepare_workdir(blocker / "run")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match=message):
         train_and_evaluate(tiny_config(), blocker / "run")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -69,3 +69,13 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
             path.write_bytes(b"")
     with pytest.raises(RuntimeError, match="no restorable checkpoint"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_metrics_file_torn_by_a_kill_stays_readable(tmp_path):
+    from vlp.train.metrics import MetricWriter, read_jsonl
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2}\n{"step": 2, "lo')  # killed mid-write
+    writer = MetricWriter(tmp_path, enabled=True)
+    writer.write(2, {"loss": 3.1})
+    writer.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 3.2}, {"step": 2, "loss": 3.1}]

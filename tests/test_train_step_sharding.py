@@ -102,3 +102,26 @@ def test_tensor_parallel_splits_heads_and_mlp_of_big_variants():
     for spec in mlp_in + attention:
         flat_axes = [a for axes in spec if axes for a in (axes if isinstance(axes, tuple) else (axes,))]
         assert "tensor" in flat_axes and "fsdp" in flat_axes, spec
+
+
+def test_multislice_mesh_puts_the_data_axis_across_slices():
+    import dataclasses
+
+    from vlp.parallel.mesh import multislice_device_grid
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeDevice:  # 2 slices x 4 devices with a slice_index, as in a multi-slice job (no TPU coordinates)
+        id: int
+        slice_index: int
+        platform: str = "cpu"
+        device_kind: str = "fake"
+        process_index: int = 0
+
+    devices = [FakeDevice(i, i // 4) for i in range(8)]
+    grid = multislice_device_grid(devices, (4, 2, 1))
+    assert grid.shape == (4, 2, 1)
+    # data rows 0-1 live on slice 0 and rows 2-3 on slice 1: only `data` crosses the slices.
+    assert [{d.slice_index for d in grid[row].ravel()} for row in range(4)] == [{0}, {0}, {1}, {1}]
+    assert multislice_device_grid(devices[:4], (2, 2, 1)) is None  # one slice: the plain mesh
+    with pytest.raises(ValueError, match=r"data axis \(1\) must be a multiple of the slice count"):
+        multislice_device_grid(devices, (1, 8, 1))

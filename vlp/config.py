@@ -17,7 +17,9 @@ from ml_collections import config_dict
 from vlp.parallel.sharding import DEFAULT_RULES
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-NAN_POLICIES = ("stop", "skip")
+NAN_POLICIES = ("stop", "skip", "rollback")
+ON_CHECKPOINT_ERROR = ("stop", "continue")
+ON_UNRESTORABLE = ("stop", "fresh_start")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,7 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(shape=(-1, 1, 1), num_devices=-1)  # axes (data, fsdp, tensor); -1 = all remaining devices
     c.sharding_rules = DEFAULT_RULES
     c.precision = dict(compute_dtype="auto")  # auto: bfloat16 on GPU/TPU, float32 on CPU; params always fp32
-    c.nan_policy = "stop"  # a non-finite loss or gradient never updates params; stop: raise, skip: count and go on
+    # A non-finite loss or gradient never updates params. stop: raise (and dump what is known); skip: count and
+    # go on; rollback: restore the newest checkpoint and skip the data since then.
+    c.nan_policy = "stop"
+    c.on_checkpoint_error = "stop"  # a checkpoint that cannot be written (full disk): stop | continue (retry later)
+    c.on_unrestorable_checkpoint = "stop"  # every checkpoint in the workdir is unreadable: stop | fresh_start
+    c.init_from = ""  # a vlp workdir (or its checkpoints/) whose newest params start a fresh run (fine-tuning)
 
     c.log_every = 50
     c.eval_every = 500
@@ -125,8 +132,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
                                f"{valid}")
             if i < len(parts) - 1:
                 node = node[part]
-        current = node[parts[-1]]
-        node[parts[-1]] = _coerce(raw, current, dotted, node.get_type(parts[-1]) if current is None else None)
+        current, declared = node[parts[-1]], node.get_type(parts[-1])
+        value = _coerce(raw, current, dotted, declared if current is None else None)
+        try:
+            node[parts[-1]] = value
+        except TypeError as e:  # ml_collections keeps each field's type; name the key and the expected type
+            raise TypeError(f"config key {dotted!r}: {raw!r} parses as {type(value).__name__}; valid: a value of "
+                            f"type {declared.__name__}") from e
 
 
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
@@ -152,7 +164,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that do not depend on the devices (the trainer checks mesh and batch divisibility)."""
     from vlp.data import sources
     from vlp.data.transforms import CAPTION_CHOICES
+    from vlp.eval import EVALUATORS
     from vlp.losses.contrastive import LOSS_VARIANTS
+    from vlp.models import layers, text, vit
     from vlp.objectives import available_objectives
     from vlp.train import accumulation
 
@@ -184,8 +198,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.accumulation.mode in accumulation.MODES,
            f"accumulation.mode={config.accumulation.mode!r}; valid: {accumulation.MODES}")
     _check(config.nan_policy in NAN_POLICIES, f"nan_policy={config.nan_policy!r}; valid: {NAN_POLICIES}")
+    _check(config.on_checkpoint_error in ON_CHECKPOINT_ERROR,
+           f"on_checkpoint_error={config.on_checkpoint_error!r}; valid: {ON_CHECKPOINT_ERROR}")
+    _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
+           f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
+    _check(not config.init_from or Path(config.init_from).is_dir(),
+           f"init_from={config.init_from!r} is not a directory; give a vlp workdir (or its checkpoints/)")
+    image = config.model.image
+    patch_size = image.patch_size
+    if image.variant:
+        try:
+            patch_size = vit.vit_shape(image.variant).patch_size
+        except ValueError as e:
+            raise ValueError(f"invalid config: model.image.variant={image.variant!r}: {e}") from e
+    size = config.data.image_size
+    _check(size > 0, f"data.image_size={size} must be a positive integer")
+    patch_key = f"variant={image.variant!r}" if image.variant else f"patch_size={patch_size}"
+    _check(patch_size > 0 and size % patch_size == 0,
+           f"model.image.{patch_key}: patch size {patch_size} does not divide data.image_size={size}; valid patch "
+           f"sizes for this image size: {[p for p in range(1, size + 1) if size % p == 0]}")
+    _check(image.pool in vit.POOLINGS, f"model.image.pool={image.pool!r}; valid: {vit.POOLINGS}")
+    _check(config.model.text.pool in text.TEXT_POOLINGS,
+           f"model.text.pool={config.model.text.pool!r}; valid: {text.TEXT_POOLINGS}")
+    _check(config.model.activation in layers.ACTIVATIONS,
+           f"model.activation={config.model.activation!r}; valid: {sorted(layers.ACTIVATIONS)}")
+    _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
+           f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
+           "tools/train_tokenizer.py) or '' for the bundled shapes tokenizer")
+    splits = sources.split_names(config.data.source)
     for name, ev in config.evals.items():
-        _check("type" in ev, f"evals.{name} has no 'type'")
+        _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")
+        _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
+        _check(splits is None or ev.get("split") in splits,
+               f"evals.{name}.split={ev.get('split')!r}; valid splits of data.source={config.data.source!r}: "
+               f"{list(splits or ())}")
+        for key in ("num_examples", "batch_size"):
+            value = ev.get(key, 1)
+            _check(isinstance(value, int) and value > 0, f"evals.{name}.{key}={value!r} must be a positive integer")
+        if ev.type == "zeroshot":
+            try:
+                sources.class_names(config.data.source)
+            except ValueError as e:
+                raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or remove "
+                                 f"evals.{name})") from e
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -4,12 +4,47 @@ fixed evaluation sets."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import grain
 import numpy as np
 
-from vlp.data.transforms import normalize_image
+from vlp.data.transforms import SKIPPED_KEY, normalize_image
+
+log = logging.getLogger(__name__)
+
+# Every training record carries how many unreadable records were skipped to produce it (SKIPPED_KEY); batched, the
+# train step sums it into the `skipped_bad_records` metric (this works across grain worker processes and hosts).
+MAX_CONSECUTIVE_BAD_RECORDS = 100
+
+
+class SkippingReader:
+    """A random-access source whose unreadable records are replaced by the next readable one, and counted.
+
+    Replacement is a pure function of the index, so a resumed run reads exactly what the uninterrupted one did.
+    """
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        errors = []
+        for offset in range(MAX_CONSECUTIVE_BAD_RECORDS):
+            candidate = (index + offset) % len(self.source)
+            try:
+                record = dict(self.source[candidate])
+            except Exception as e:  # noqa: BLE001 - any unreadable record (decode error, I/O) is skipped
+                errors.append(f"record {candidate}: {type(e).__name__}: {e}")
+                log.warning("skipping unreadable training record %d (%s: %s)", candidate, type(e).__name__, e)
+                continue
+            record[SKIPPED_KEY] = np.int32(offset)
+            return record
+        raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_RECORDS} consecutive training records are unreadable, from "
+                           f"index {index}; is the data source intact? first errors: {errors[:3]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +59,8 @@ class TrainStreamSpec:
 
 def make_train_dataset(source: Any, example_transform: grain.transforms.Map, batch_transform: grain.transforms.Map,
                        spec: TrainStreamSpec) -> grain.IterDataset:
-    """Infinite stream of host-local batches {key: [global_batch / process_count, ...]}.
+    """Infinite stream of host-local batches {key: [global_batch / process_count, ...]}; `SKIPPED_KEY` counts the
+    unreadable records skipped per example.
 
     The order is a pure function of (seed, step): every epoch is reshuffled with a new seed, each process reads
     its own slice, and the iterator's `get_state()` (indices only) restores the exact position.
@@ -32,7 +68,7 @@ def make_train_dataset(source: Any, example_transform: grain.transforms.Map, bat
     if spec.global_batch_size % spec.process_count:
         raise ValueError(f"batch_size {spec.global_batch_size} is not divisible by the process count "
                          f"{spec.process_count}")
-    ds = grain.MapDataset.source(source).shuffle(seed=spec.seed).repeat(None)
+    ds = grain.MapDataset.source(SkippingReader(source)).shuffle(seed=spec.seed).repeat(None)
     ds = ds[spec.process_index::spec.process_count]
     ds = ds.map(example_transform)
     ds = ds.batch(spec.global_batch_size // spec.process_count, drop_remainder=True)

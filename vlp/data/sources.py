@@ -25,6 +25,11 @@ def make_source(name: str, split: str, image_size: int, num_examples: int | None
     return SOURCES[name](split, image_size, num_examples)
 
 
+def split_names(name: str) -> tuple[str, ...] | None:
+    """The splits of a source, or None where the source cannot list them before it is opened."""
+    return shapes.SPLITS if name == "shapes" else None
+
+
 def class_names(name: str) -> tuple[str, ...]:
     """Class names of a labelled source (for zero-shot classification)."""
     if name == "shapes":

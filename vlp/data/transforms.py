@@ -13,6 +13,9 @@ import numpy as np
 
 from vlp.data.tokenizer import Tokenizer
 
+# Per example: how many unreadable records were skipped to produce it (see vlp.data.pipeline.SkippingReader).
+SKIPPED_KEY = "skipped_records"
+
 CAPTION_CHOICES = ("noisy", "synthetic", "both")
 _MASK64 = (1 << 64) - 1
 
@@ -53,9 +56,12 @@ class SelectCaption(grain.transforms.Map):
             raise ValueError(f"synthetic caption probability {self.synthetic_prob} is not in [0, 1]")
 
     def map(self, example: dict) -> dict:
-        return {"image": example["image"],
-                "caption": pick_caption(example, self.caption, self.seed, self.synthetic_prob),
-                "label": np.int32(example["label"])}
+        out = {"image": example["image"],
+               "caption": pick_caption(example, self.caption, self.seed, self.synthetic_prob),
+               "label": np.int32(example["label"])}
+        if SKIPPED_KEY in example:
+            out[SKIPPED_KEY] = example[SKIPPED_KEY]
+        return out
 
 
 @dataclasses.dataclass
@@ -66,6 +72,9 @@ class TokenizeBatch(grain.transforms.Map):
     max_text_len: int
 
     def map(self, batch: dict) -> dict:
-        return {"image": normalize_image(batch["image"]),
-                "text": self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_text_len),
-                "label": batch["label"]}
+        out = {"image": normalize_image(batch["image"]),
+               "text": self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_text_len),
+               "label": batch["label"]}
+        if SKIPPED_KEY in batch:
+            out[SKIPPED_KEY] = batch[SKIPPED_KEY]
+        return out

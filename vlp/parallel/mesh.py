@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -47,13 +48,30 @@ def select_devices(num_devices: int = -1) -> list[jax.Device]:
     return devices[:num_devices]
 
 
+def multislice_device_grid(devices: Sequence, shape: tuple[int, ...]) -> np.ndarray | None:
+    """For devices on several TPU slices (or other DCN-joined granules with a `slice_index`): the device array with
+    `data`, the outermost axis, split across slices and the rest inside each slice; None on a single slice."""
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) < 2:
+        return None
+    if shape[0] % len(slices):
+        raise ValueError(f"mesh.shape {shape} on {len(slices)} slices: the data axis ({shape[0]}) must be a multiple "
+                         f"of the slice count, because `data` is the axis that crosses the slow network between slices")
+    inside = (shape[0] // len(slices), *shape[1:])
+    return mesh_utils.create_hybrid_device_mesh(inside, (len(slices), *([1] * (len(shape) - 1))), list(devices))
+
+
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), num_devices: int = -1) -> Mesh:
-    """A (data, fsdp, tensor) mesh with AxisType.Auto on every axis."""
+    """A (data, fsdp, tensor) mesh with AxisType.Auto on every axis (multi-slice: `data` spans the slices)."""
     devices = select_devices(num_devices)
     resolved = resolve_mesh_shape(shape, len(devices))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    grid = multislice_device_grid(devices, resolved)
+    if grid is not None:  # jax.make_mesh refuses multi-slice topologies
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if len(devices) == len(jax.devices()):
-        return jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(resolved, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES, axis_types=axis_types)
 
 
 def batch_shard_count(mesh: Mesh) -> int:

@@ -7,6 +7,8 @@ from the environment.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,6 +16,9 @@ config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. c
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json, final_metrics.json.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+NONFINITE_EXIT_CODE = 65  # EX_DATAERR: the run diverged (nan_policy='stop')
+CHECKPOINT_WRITE_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (on_checkpoint_error='stop')
 
 
 def main(argv: list[str]) -> None:
@@ -24,9 +29,22 @@ def main(argv: list[str]) -> None:
     from vlp.parallel import distributed
 
     distributed.initialize()  # before anything touches a device
-    from vlp.train.trainer import train_and_evaluate
+    from vlp.train.checkpoint import CheckpointWriteError
+    from vlp.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from vlp.train.trainer import NonFiniteLossError, train_and_evaluate
 
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    # Distinct exit codes, so schedulers and wrappers can tell what happened (README, "What vlp guarantees").
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except Preempted as e:
+        print(f"vlp: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except NonFiniteLossError as e:
+        print(f"vlp: stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(NONFINITE_EXIT_CODE)
+    except CheckpointWriteError as e:
+        print(f"vlp: stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(CHECKPOINT_WRITE_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            # A run killed mid-write leaves a partial last line: end it, so new records start on their own line.
+            if self.path.exists() and self.path.stat().st_size:
+                with self.path.open("rb") as f:
+                    f.seek(-1, 2)
+                    torn = f.read(1) != b"\n"
+                if torn:
+                    with self.path.open("a") as f:
+                        f.write("\n")
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -85,8 +93,15 @@ class MetricWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line torn by a killed run is skipped."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only a partial line written when the process was killed
+    return records
 
 
 def say(message: str) -> None:

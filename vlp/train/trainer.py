@@ -15,26 +15,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from vlp import config as vlp_config
 from vlp.data import pipeline, sources
-from vlp.data.transforms import SelectCaption, TokenizeBatch
+from vlp.data.transforms import SKIPPED_KEY, SelectCaption, TokenizeBatch
 from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
 from vlp.train import accumulation, evaluation
-from vlp.train.checkpoint import Checkpointer
+from vlp.train.checkpoint import Checkpointer, CheckpointWriteError
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
+from vlp.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from vlp.train.state import TrainState
 from vlp.train.workdir import prepare_workdir, write_run_files
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised under nan_policy='stop' when a step's loss or gradient is NaN/inf."""
+    """Raised under nan_policy='stop' (or when a rollback is impossible) when a step's loss or gradient is NaN/inf."""
 
 
 @contextlib.contextmanager
@@ -67,7 +69,9 @@ class Experiment:
                 jax.random.key(self.config.seed))
 
     def batch_shardings(self) -> dict[str, NamedSharding]:
+        """Shardings of a training batch: the objective's fields and the pipeline's skipped-record counts."""
         example = self.objective.example_batch(1)
+        example[SKIPPED_KEY] = np.zeros((1,), np.int32)
         return {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in example.items()}
 
 
@@ -119,6 +123,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        batch = dict(batch)
+        skipped = batch.pop(SKIPPED_KEY, None)  # bookkeeping of the input pipeline, not model input
         (loss, metrics), grads = grad_fn(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -128,7 +134,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
                                opt_state=keep_if_finite(opt_state, state.opt_state))
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                       nonfinite=1 - finite.astype(jnp.int32))
+                       nonfinite=1 - finite.astype(jnp.int32),
+                       skipped_records=jnp.zeros((), jnp.int32) if skipped is None else skipped.sum())
         return new_state, metrics
 
     return train_step
@@ -138,7 +145,8 @@ def jit_train_step(exp: Experiment) -> Callable:
     config = exp.config
     step = make_train_step(exp.objective, exp.optimizer, exp.schedule, config.seed, config.accumulation.steps,
                            config.accumulation.mode)
-    return jax.jit(step, in_shardings=(exp.state_shardings, exp.batch_shardings()),
+    # The batch arrives sharded on the batch axes (sharding.host_to_global); its fields vary by caller.
+    return jax.jit(step, in_shardings=(exp.state_shardings, None),
                    out_shardings=(exp.state_shardings, None), donate_argnums=(0,))
 
 
@@ -176,8 +184,53 @@ class _Throughput:
         }
 
 
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) -> tuple[int, TrainState]:
+    """The workdir's newest good checkpoint (params, optimizer, step, data position); else `init_from`'s params or
+    a fresh init. A workdir whose checkpoints are all unreadable is an error unless the config allows a restart."""
+    config = exp.config
+    if checkpointer.latest_step() is not None:
+        try:
+            step, state = checkpointer.restore(exp.abstract_state, data_iter)
+            say(f"resumed from checkpoint step {step}")
+            return step, state
+        except RuntimeError:
+            if config.on_unrestorable_checkpoint != "fresh_start":
+                raise
+            say("no checkpoint in the workdir can be restored; starting afresh (on_unrestorable_checkpoint="
+                "'fresh_start')")
+    state = exp.init_state()
+    if config.init_from:
+        step, params = restore_params(config.init_from, exp.abstract_state.params)
+        state = state.replace(params=params)
+        say(f"initialised params from {config.init_from} (step {step}); optimizer state and step start afresh")
+    return 0, state
+
+
+def restore_params(source: str | Path, abstract_params: Any) -> tuple[int, Any]:
+    """Params of a vlp workdir's (or checkpoints directory's) newest good checkpoint, onto `abstract_params`'
+    shapes and shardings (so they may come from another mesh). Optimizer state and data position are ignored."""
+    directory = Path(source)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"init_from={str(source)!r}: no such directory; give a vlp workdir or its "
+                                f"checkpoints/ directory")
+    checkpointer = Checkpointer(directory, max_to_keep=1000, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"init_from={str(source)!r}: no checkpoint in {directory}")
+        return checkpointer.restore_params(abstract_params)
+    finally:
+        checkpointer.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, writes final_metrics.json."""
+    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, writes final_metrics.json.
+
+    Raises `Preempted` after saving a checkpoint when a preemption notice (SIGTERM) arrives, `NonFiniteLossError`
+    under nan_policy='stop', `CheckpointWriteError` under on_checkpoint_error='stop'.
+    """
     workdir = prepare_workdir(workdir)
     exp = build_experiment(config)
     write_run_files(workdir, config)
@@ -188,34 +241,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     data_iter = make_train_iterator(config, exp.objective)
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
-    if checkpointer.latest_step() is not None:
-        start_step, state = checkpointer.restore(exp.abstract_state, data_iter)
-        say(f"resumed from checkpoint step {start_step}")
-    else:
-        start_step, state = 0, exp.init_state()
-    with exp.context():
-        evaluators = evaluation.build_evaluators(config, exp.objective, exp.mesh)
-    train_step = jit_train_step(exp)
-    writer = MetricWriter(workdir)
-    flops_per_example = exp.objective.train_flops_per_example()
-    peak = peak_flops_per_device(jax.devices()[0], config.hardware.peak_flops_per_device)
-    loop_start = time.perf_counter()
+    writer = None
     try:
+        start_step, state = _initial_state(exp, checkpointer, data_iter)
         with exp.context():
-            state, metrics = _train_loop(exp, state, start_step, data_iter, train_step, checkpointer, evaluators,
-                                         writer, flops_per_example, peak)
+            evaluators = evaluation.build_evaluators(config, exp.objective, exp.mesh)
+        train_step = jit_train_step(exp)
+        writer = MetricWriter(workdir)
+        loop = _Loop(exp, workdir, data_iter, train_step, checkpointer, evaluators, writer)
+        loop_start = time.perf_counter()
+        with exp.context(), PreemptionWatch() as preemption:
+            state, metrics = loop.run(state, start_step, preemption)
             train_seconds = time.perf_counter() - loop_start
             if checkpointer.latest_step() != config.total_steps:
-                checkpointer.save(config.total_steps, state, data_iter, force=True)
+                loop.save(config.total_steps, state, final=True)
             results = evaluation.run_evaluators(evaluators, state.params)
             writer.write(config.total_steps, results)
     finally:  # also on errors: finish pending async saves, stop grain workers, flush metrics
         checkpointer.close()
         if hasattr(data_iter, "close"):
             data_iter.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     final = dict(sorted(results.items()), steps=config.total_steps, train_seconds=round(train_seconds, 2),
-                 resumed_from_step=start_step)
+                 resumed_from_step=start_step, skipped_nonfinite_steps=loop.skipped_nonfinite_steps,
+                 skipped_bad_records=loop.skipped_bad_records,
+                 rollbacks=loop.rollbacks, failed_checkpoint_saves=loop.failed_saves)
     if metrics:
         final["final_loss"] = float(metrics["loss"])
     if jax.process_index() == 0:
@@ -224,49 +275,155 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return final
 
 
-def _train_loop(exp: Experiment, state: TrainState, start_step: int, data_iter: Any, train_step: Callable,
-                checkpointer: Checkpointer, evaluators: dict, writer: MetricWriter, flops_per_example: float,
-                peak: float | None) -> tuple[TrainState, dict]:
-    """Steps start_step..total_steps with logging, periodic checkpoints and evals; returns (state, last metrics)."""
-    config = exp.config
-    throughput = _Throughput(config.batch_size, config.total_steps)
-    nonfinite_total = jnp.zeros((), jnp.int32)
-    metrics: dict[str, Any] = {}
-    for step in range(start_step, config.total_steps):
-        data_start = time.perf_counter()
-        batch = sharding.host_to_global(next(data_iter), exp.mesh)
-        throughput.data_seconds += time.perf_counter() - data_start
-        state, metrics = train_step(state, batch)
-        nonfinite_total = nonfinite_total + metrics["nonfinite"]
-        done = step + 1
-        if done == start_step + 1:  # exclude compilation from the first interval's throughput
-            jax.block_until_ready(state)
-            throughput.reset(done)
-        if done % config.log_every == 0 or done == config.total_steps:
-            logged = to_python(metrics)
-            logged["nonfinite_steps"] = float(nonfinite_total)
-            check_finite(config.nan_policy, done, logged)
-            if done > throughput.start_step:
-                logged.update(throughput.summary(done))
-                if peak:
-                    logged["mfu"] = flops_per_example * logged["samples_per_second"] / (peak * jax.device_count())
-            writer.write(done, logged)
-            say(progress_line(done, config.total_steps, logged))
-            throughput.reset(done)
-        if done % config.checkpoint_every == 0 and done != config.total_steps:
-            checkpointer.save(done, state, data_iter)
-            throughput.reset(done)
-        if done % config.eval_every == 0 and done != config.total_steps:
-            results = evaluation.run_evaluators(evaluators, state.params)
-            writer.write(done, results)
-            say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
-            throughput.reset(done)
-    return state, metrics
+# A run that keeps diverging right after each rollback is not going to recover by itself.
+MAX_CONSECUTIVE_ROLLBACKS = 3
 
 
-def check_finite(policy: str, step: int, logged: dict[str, float]) -> None:
-    if logged["nonfinite_steps"] and policy == "stop":
-        bad = [k for k, v in logged.items() if k.startswith("loss") and not math.isfinite(v)]
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient: {int(logged['nonfinite_steps'])} step(s) up to step {step} were not "
-            f"applied (non-finite terms at step {step}: {bad or 'gradient'}); set nan_policy='skip' to go on")
+@jax.jit
+def _track_first_nonfinite(first_step, first_metrics, step, metrics):
+    """Keeps the step number and metrics of the first non-finite step of a log interval (no host sync)."""
+    is_first = (first_step < 0) & (metrics["nonfinite"] > 0)
+    keep = lambda new, old: jnp.where(is_first, new, old)  # noqa: E731
+    return keep(step, first_step), jax.tree.map(keep, metrics, first_metrics)
+
+
+class _Loop:
+    """Steps start..total_steps with logging, periodic checkpoints and evals, the nan_policy, and preemption."""
+
+    def __init__(self, exp: Experiment, workdir: Path, data_iter: Any, train_step: Callable,
+                 checkpointer: Checkpointer, evaluators: dict, writer: MetricWriter):
+        self.exp, self.config, self.workdir = exp, exp.config, workdir
+        self.data_iter, self.train_step, self.checkpointer = data_iter, train_step, checkpointer
+        self.evaluators, self.writer = evaluators, writer
+        self.flops_per_example = exp.objective.train_flops_per_example()
+        self.peak = peak_flops_per_device(jax.devices()[0], self.config.hardware.peak_flops_per_device)
+        self.skipped_nonfinite_steps = 0
+        self.skipped_bad_records = 0
+        self.rollbacks = 0
+        self.failed_saves = 0
+
+    def save(self, step: int, state: TrainState, final: bool = False) -> None:
+        """Saves (and for the final or preemption checkpoint waits); an I/O failure follows on_checkpoint_error."""
+        try:
+            self.checkpointer.save(step, state, self.data_iter, force=final)
+            if final:
+                self.checkpointer.wait()
+        except CheckpointWriteError as e:
+            self.failed_saves += 1
+            latest = self.checkpointer.latest_step()
+            kept = f"the newest complete checkpoint is step {latest}" if latest is not None else "no checkpoint yet"
+            if final or self.config.on_checkpoint_error == "stop":
+                raise CheckpointWriteError(f"{e}; {kept} (nothing already saved was touched)") from e
+            say(f"WARNING: {e}; {kept}; training goes on and tries again at the next checkpoint "
+                f"(on_checkpoint_error='continue')")
+
+    def run(self, state: TrainState, start_step: int, preemption: PreemptionWatch) -> tuple[TrainState, dict]:
+        config = self.config
+        throughput = _Throughput(config.batch_size, config.total_steps)
+        first_bad_step, first_bad_metrics = jnp.full((), -1, jnp.int32), None
+        interval_nonfinite = jnp.zeros((), jnp.int32)
+        skipped_records = jnp.zeros((), jnp.int32)
+        consecutive_rollbacks = 0
+        metrics: dict[str, Any] = {}
+        step = start_step
+        while step < config.total_steps:
+            data_start = time.perf_counter()
+            host_batch = next(self.data_iter)
+            batch = sharding.host_to_global(host_batch, self.exp.mesh)
+            throughput.data_seconds += time.perf_counter() - data_start
+            state, metrics = self.train_step(state, batch)
+            if first_bad_metrics is None:
+                first_bad_metrics = metrics
+            first_bad_step, first_bad_metrics = _track_first_nonfinite(first_bad_step, first_bad_metrics,
+                                                                       jnp.int32(step + 1), metrics)
+            interval_nonfinite = interval_nonfinite + metrics["nonfinite"]
+            skipped_records = skipped_records + metrics["skipped_records"]
+            step += 1
+            if step == start_step + 1:  # exclude compilation from the first interval's throughput
+                jax.block_until_ready(state)
+                throughput.reset(step)
+            if step % config.log_every == 0 or step == config.total_steps:
+                bad = int(interval_nonfinite)
+                if bad:
+                    bad_step, bad_metrics = int(first_bad_step), to_python(first_bad_metrics)
+                    if config.nan_policy == "stop":
+                        self._dump_nonfinite(bad_step, bad_metrics, host_batch)
+                        raise NonFiniteLossError(nonfinite_message(bad, step, bad_step, bad_metrics))
+                    if config.nan_policy == "rollback":
+                        consecutive_rollbacks += 1
+                        state, step = self._rollback(step, bad_step, bad_metrics, consecutive_rollbacks)
+                        interval_nonfinite, first_bad_step = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
+                        throughput.reset(step)
+                        continue
+                    self.skipped_nonfinite_steps += bad
+                else:
+                    consecutive_rollbacks = 0
+                interval_nonfinite, first_bad_step = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
+                self.skipped_bad_records = int(skipped_records)
+                self._log(step, metrics, throughput)
+            if preemption.reached(step):
+                self.save(step, state, final=True)
+                say(f"preemption notice: saved the checkpoint of step {step}; exiting with code "
+                    f"{PREEMPTED_EXIT_CODE} (run the same command again to resume)")
+                raise Preempted(step)
+            if step % config.checkpoint_every == 0 and step != config.total_steps:
+                self.save(step, state)
+                throughput.reset(step)
+            if step % config.eval_every == 0 and step != config.total_steps:
+                results = evaluation.run_evaluators(self.evaluators, state.params)
+                self.writer.write(step, results)
+                say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+                throughput.reset(step)
+        return state, metrics
+
+    def _log(self, step: int, metrics: dict, throughput: _Throughput) -> None:
+        logged = to_python(metrics)
+        logged.pop("nonfinite", None)
+        logged.pop("skipped_records", None)
+        logged["skipped_nonfinite_steps"] = float(self.skipped_nonfinite_steps)
+        logged["skipped_bad_records"] = float(self.skipped_bad_records)
+        logged["rollbacks"] = float(self.rollbacks)
+        if step > throughput.start_step:
+            logged.update(throughput.summary(step))
+            if self.peak:
+                logged["mfu"] = self.flops_per_example * logged["samples_per_second"] / (
+                    self.peak * jax.device_count())
+        self.writer.write(step, logged)
+        say(progress_line(step, self.config.total_steps, logged))
+        throughput.reset(step)
+
+    def _rollback(self, step: int, bad_step: int, bad_metrics: dict, consecutive: int) -> tuple[TrainState, int]:
+        """Back to the newest checkpoint's TrainState; the data iterator stays where it is, so the batches that
+        led to the non-finite step are skipped rather than replayed."""
+        latest = self.checkpointer.latest_step()
+        if latest is None or consecutive > MAX_CONSECUTIVE_ROLLBACKS:
+            why = ("there is no checkpoint to roll back to" if latest is None else
+                   f"{MAX_CONSECUTIVE_ROLLBACKS} rollbacks in a row did not help")
+            raise NonFiniteLossError(nonfinite_message(1, step, bad_step, bad_metrics) + f"; {why}")
+        self.checkpointer.wait()
+        restored_step, state = self.checkpointer.restore(self.exp.abstract_state, None, latest)
+        self.rollbacks += 1
+        say(f"WARNING: non-finite loss at step {bad_step}: rolled back to the checkpoint of step {restored_step} "
+            f"and skipped the data of steps {restored_step + 1}..{step} (nan_policy='rollback', rollback "
+            f"{self.rollbacks})")
+        self.writer.write(step, {"rollback_to_step": float(restored_step), "rollbacks": float(self.rollbacks)})
+        return state, restored_step
+
+    def _dump_nonfinite(self, bad_step: int, bad_metrics: dict, host_batch: dict) -> None:
+        """What a post-mortem needs: the step, its metrics and the last batch's keys, shapes and value ranges."""
+        if jax.process_index() != 0:
+            return
+        summary = {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype),
+                       "nonfinite": int(np.size(v) - np.isfinite(np.asarray(v, np.float64)).sum()),
+                       "min": float(np.min(v)), "max": float(np.max(v))} for k, v in host_batch.items()}
+        dump = {"first_nonfinite_step": bad_step, "metrics": bad_metrics, "last_batch": summary}
+        path = self.workdir / f"nonfinite_step_{bad_step}.json"
+        path.write_text(json.dumps(dump, indent=2, default=str))
+        say(f"wrote {path}")
+
+
+def nonfinite_message(count: int, step: int, bad_step: int, bad_metrics: dict) -> str:
+    terms = [k for k, v in bad_metrics.items() if k.startswith("loss") and not math.isfinite(v)]
+    return (f"non-finite loss or gradient at step {bad_step} ({count} step(s) up to step {step} were not applied; "
+            f"non-finite terms at step {bad_step}: {terms or ['gradient']}); nan_policy='skip' goes on, "
+            f"'rollback' restores the last checkpoint")
