@@ -279,12 +279,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 MAX_CONSECUTIVE_ROLLBACKS = 3
 
 
+def _new_interval(metrics: dict, skipped_records: jax.Array) -> dict:
+    """The per-log-interval tally on the devices; `first_bad_metrics` is only read when `first_bad_step` >= 0."""
+    return {"nonfinite": jnp.zeros((), jnp.int32), "skipped_records": skipped_records,
+            "first_bad_step": jnp.full((), -1, jnp.int32), "first_bad_metrics": metrics}
+
+
 @jax.jit
-def _track_first_nonfinite(first_step, first_metrics, step, metrics):
-    """Keeps the step number and metrics of the first non-finite step of a log interval (no host sync)."""
-    is_first = (first_step < 0) & (metrics["nonfinite"] > 0)
+def _tally_step(tally: dict, step: jax.Array, metrics: dict) -> dict:
+    """One dispatch per step, no host sync: counts non-finite steps and skipped records, and keeps the step number
+    and metrics of the interval's first non-finite step."""
+    is_first = (tally["first_bad_step"] < 0) & (metrics["nonfinite"] > 0)
     keep = lambda new, old: jnp.where(is_first, new, old)  # noqa: E731
-    return keep(step, first_step), jax.tree.map(keep, metrics, first_metrics)
+    return {"nonfinite": tally["nonfinite"] + metrics["nonfinite"],
+            "skipped_records": tally["skipped_records"] + metrics["skipped_records"],
+            "first_bad_step": keep(step, tally["first_bad_step"]),
+            "first_bad_metrics": jax.tree.map(keep, metrics, tally["first_bad_metrics"])}
 
 
 class _Loop:
@@ -320,9 +330,7 @@ class _Loop:
     def run(self, state: TrainState, start_step: int, preemption: PreemptionWatch) -> tuple[TrainState, dict]:
         config = self.config
         throughput = _Throughput(config.batch_size, config.total_steps)
-        first_bad_step, first_bad_metrics = jnp.full((), -1, jnp.int32), None
-        interval_nonfinite = jnp.zeros((), jnp.int32)
-        skipped_records = jnp.zeros((), jnp.int32)
+        tally = None
         consecutive_rollbacks = 0
         metrics: dict[str, Any] = {}
         step = start_step
@@ -332,34 +340,31 @@ class _Loop:
             batch = sharding.host_to_global(host_batch, self.exp.mesh)
             throughput.data_seconds += time.perf_counter() - data_start
             state, metrics = self.train_step(state, batch)
-            if first_bad_metrics is None:
-                first_bad_metrics = metrics
-            first_bad_step, first_bad_metrics = _track_first_nonfinite(first_bad_step, first_bad_metrics,
-                                                                       jnp.int32(step + 1), metrics)
-            interval_nonfinite = interval_nonfinite + metrics["nonfinite"]
-            skipped_records = skipped_records + metrics["skipped_records"]
+            if tally is None:
+                tally = _new_interval(metrics, jnp.zeros((), jnp.int32))
+            tally = _tally_step(tally, jnp.int32(step + 1), metrics)
             step += 1
             if step == start_step + 1:  # exclude compilation from the first interval's throughput
                 jax.block_until_ready(state)
                 throughput.reset(step)
             if step % config.log_every == 0 or step == config.total_steps:
-                bad = int(interval_nonfinite)
+                bad = int(tally["nonfinite"])
                 if bad:
-                    bad_step, bad_metrics = int(first_bad_step), to_python(first_bad_metrics)
+                    bad_step, bad_metrics = int(tally["first_bad_step"]), to_python(tally["first_bad_metrics"])
                     if config.nan_policy == "stop":
                         self._dump_nonfinite(bad_step, bad_metrics, host_batch)
                         raise NonFiniteLossError(nonfinite_message(bad, step, bad_step, bad_metrics))
                     if config.nan_policy == "rollback":
                         consecutive_rollbacks += 1
                         state, step = self._rollback(step, bad_step, bad_metrics, consecutive_rollbacks)
-                        interval_nonfinite, first_bad_step = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
+                        tally = _new_interval(metrics, tally["skipped_records"])
                         throughput.reset(step)
                         continue
                     self.skipped_nonfinite_steps += bad
                 else:
                     consecutive_rollbacks = 0
-                interval_nonfinite, first_bad_step = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
-                self.skipped_bad_records = int(skipped_records)
+                self.skipped_bad_records = int(tally["skipped_records"])
+                tally = _new_interval(metrics, tally["skipped_records"])
                 self._log(step, metrics, throughput)
             if preemption.reached(step):
                 self.save(step, state, final=True)
