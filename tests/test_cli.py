@@ -10,7 +10,10 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO
+from PIL import Image
 from safetensors.numpy import load_file
+
+from vlp.data.shapes import make_example
 
 SMALL = ["--config.model.image.width=32", "--config.model.image.depth=1", "--config.model.image.mlp_dim=64",
          "--config.model.image.num_heads=2", "--config.model.text.width=32", "--config.model.text.depth=1",
@@ -60,11 +63,32 @@ def test_train_kill_resume_eval_export_plot(tmp_path):
     assert provenance["device_count"] >= 1 and provenance["packages"]["jax"]
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 40
 
-    evaluated = json.loads(run([sys.executable, "tools/eval.py", f"--workdir={workdir}",
-                                "--set", "evals.zeroshot.num_examples=64"]).strip().splitlines()[-1])
+    small_feature_evals = [f"evals.{name}.{key}={value}" for name in ("knn", "linear_probe")
+                           for key, value in (("num_train", 256), ("num_examples", 64))]
+    printed = run([sys.executable, "tools/eval.py", f"--workdir={workdir}",
+                   "--evals=zeroshot,retrieval,knn,linear_probe", "--set", "evals.zeroshot.num_examples=64",
+                   *(f"--set={s}" for s in small_feature_evals)])
+    evaluated = json.loads(printed.strip().splitlines()[-1])
     assert evaluated["step"] == 40
     assert evaluated["zeroshot_top1"] == pytest.approx(final["zeroshot_top1"])
     assert {"zeroshot_top5", "retrieval_i2t_r10", "retrieval_t2i_r5"} <= set(evaluated)
+    # 64 classes, 256 train images (4 per class): a 40-step model's frozen features beat chance (1/64) twice over.
+    assert evaluated["knn_top1_k10"] > 2 / 64 and evaluated["linear_probe_top1"] > 2 / 64
+    assert any(line.startswith("linear_probe_top5 ") for line in printed.splitlines()[:-1])  # the table
+
+    images = [tmp_path / f"img{i}.png" for i in range(3)]
+    for i, path in enumerate(images):
+        Image.fromarray(make_example("validation", i, image_size=48)["image"]).save(path)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "captions.txt").write_text("a red circle\na blue square\n")
+    summary = json.loads(run([sys.executable, "tools/embed.py", f"--workdir={workdir}", "--images",
+                              *map(str, images), str(tmp_path / "broken.jpg"), f"--texts={tmp_path / 'captions.txt'}",
+                              f"--out={tmp_path / 'emb.npz'}"]).strip().splitlines()[-1])
+    assert summary["images"] == 3 and summary["texts"] == 2 and summary["skipped_images"] == 1
+    emb = np.load(tmp_path / "emb.npz")
+    assert emb["image_embeddings"].shape == (3, 32) and emb["text_embeddings"].shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb["image_embeddings"], axis=1), 1.0, atol=1e-5)
+    assert list(emb["texts"]) == ["a red circle", "a blue square"]
 
     out_dir = tmp_path / "export"
     run([sys.executable, "tools/export.py", f"--workdir={workdir}", "--format=safetensors", f"--out={out_dir}"])
@@ -76,9 +100,12 @@ def test_train_kill_resume_eval_export_plot(tmp_path):
 
     png = run([sys.executable, "tools/plot_metrics.py", f"--workdir={workdir}"]).strip().splitlines()[-1]
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    bars = run([sys.executable, "tools/plot_metrics.py", "--eval_json", str(workdir / "eval_config_step40.json"),
+                f"--out={tmp_path / 'evals.png'}"]).strip().splitlines()[-1]
+    assert open(bars, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("tool", ["tools/eval.py", "tools/export.py", "tools/plot_metrics.py",
+@pytest.mark.parametrize("tool", ["tools/eval.py", "tools/embed.py", "tools/export.py", "tools/plot_metrics.py",
                                   "benchmarks/train_step.py", "benchmarks/loss_memory.py"])
 def test_tools_have_help(tool):
     out = run([sys.executable, tool, "--help"])

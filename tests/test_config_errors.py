@@ -82,7 +82,8 @@ BAD_CONFIGS = {
     "unknown_caption_kind": ({"data.train_caption": "long"}, r"data.train_caption='long'; valid: \('noisy', "),
     "negative_worker_count": ({"data.worker_count": "-1"}, r"data.worker_count=-1 must be >= 0"),
     "unknown_eval_type": (
-        {"evals.zeroshot.type": "zeroshoot"}, r"evals.zeroshot.type='zeroshoot'; valid: \['retrieval', 'zeroshot'\]"),
+        {"evals.zeroshot.type": "zeroshoot"},
+        r"evals.zeroshot.type='zeroshoot'; valid: \['knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
     "unknown_eval_split": (
         {"evals.retrieval.split": "val"},
         r"evals.retrieval.split='val'; valid splits of data.source='shapes': \['train', 'validation', 'test'\]"),
@@ -123,7 +124,7 @@ def test_zeroshot_eval_on_a_source_without_class_names(tmp_path, no_compilation,
     monkeypatch.setitem(sources.SOURCES, "captions_only", sources.SOURCES["shapes"])
     config = tiny_config(**{"data.source": "captions_only"})
     message = (r"evals.zeroshot.type='zeroshot' needs class names: data source 'captions_only' has no class names; "
-               r"valid: \['shapes'\] \(or remove evals.zeroshot\)")
+               r"valid: \['shapes'\] \(or set evals.zeroshot.class_names, or remove evals.zeroshot\)")
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, tmp_path / "run")
 

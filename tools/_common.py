@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import ml_collections
 
@@ -25,10 +26,12 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set evals.zeroshot.num_examples=500 (repeatable)")
 
 
-def resolve_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+def resolve_config(args: argparse.Namespace,
+                   prepare: Callable[[ml_collections.ConfigDict], None] | None = None) -> ml_collections.ConfigDict:
+    """--config (or the workdir's config.json), then `prepare(config)` (e.g. adding evaluators), then --set."""
     overrides = vlp_config.parse_overrides(args.set)
-    if args.config:
-        config = vlp_config.load_config_file(args.config)
-        vlp_config.apply_overrides(config, overrides)
-        return config
-    return load_config(args.workdir, overrides)
+    config = vlp_config.load_config_file(args.config) if args.config else load_config(args.workdir)
+    if prepare is not None:
+        prepare(config)
+    vlp_config.apply_overrides(config, overrides)
+    return config

@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate a run's checkpoint: zero-shot top-1/top-5 and retrieval R@1/5/10 in both directions.
+"""Evaluate a run's checkpoint with the evaluators of its config, or the ones named by --evals.
 
   python tools/eval.py --workdir=runs/x [--step=N] [--split=test] [--set evals.zeroshot.num_examples=500]
+  python tools/eval.py --workdir=runs/x --evals=zeroshot,knn,linear_probe --set evals.knn.num_train=10000
 
-Prints one JSON line and writes it to <workdir>/eval_<split>_step<N>.json (or --out).
+Evaluators (vlp/eval/): zeroshot (top-1/5 from class names + prompt templates), retrieval (I->T and T->I
+R@1/5/10, several captions per image), linear_probe (logistic regression on frozen embeddings, L2 chosen on a
+validation split), knn (k = 10, 20, temperature-weighted). A name in --evals that is not in the config but is an
+evaluator type is added with the settings of the config's first evaluator (split, num_examples); `--set
+evals.<name>.<key>=...` then adjusts it (e.g. source=..., train_split=..., class_names=imagenet1k,
+templates=clip80). Prints a table, then one JSON line; the JSON goes to <workdir>/eval_<split>_step<N>.json (or
+--out).
 """
 
 from __future__ import annotations
@@ -19,11 +26,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_config_args, quiet_library_logs, resolve_config  # noqa: E402
 
 
+def add_default_evaluators(config, names: list[str]) -> None:
+    """Adds each name that is an evaluator type but not yet in config.evals, with the first entry's settings."""
+    from vlp.eval import EVALUATORS
+
+    template = next(iter(config.evals.values()), None)
+    with config.unlocked():
+        for name in names:
+            if name in config.evals or name not in EVALUATORS:
+                continue  # unknown names are reported by build_evaluators with the valid ones
+            entry = {"type": name, "split": template.split if template else "validation",
+                     "num_examples": template.num_examples if template else 1000,
+                     "batch_size": template.get("batch_size", 500) if template else 500}
+            if name in ("knn", "linear_probe"):
+                entry.update(train_split="train", num_train=5000)
+            config.evals[name] = entry
+
+
+def format_table(record: dict) -> str:
+    """`metric  value` lines, metrics sorted, fractions with 4 decimals."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in record.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     parser.add_argument("--split", default=None, help="evaluate every evaluator on this split (default: config's)")
+    parser.add_argument("--evals", default=None,
+                        help="comma-separated evaluator names to run (default: all of config.evals)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -31,16 +64,23 @@ def main(argv: list[str] | None = None) -> dict:
     from vlp.train import evaluation
     from vlp.train.restore import restore_run
 
+    names = [n.strip() for n in args.evals.split(",") if n.strip()] if args.evals else None
+    config = resolve_config(args, prepare=lambda c: add_default_evaluators(c, names or []))
     start = time.perf_counter()
-    exp, step, state = restore_run(args.workdir, config=resolve_config(args), step=args.step)
+    exp, step, state = restore_run(args.workdir, config=config, step=args.step)
     with exp.context():
-        evaluators = evaluation.build_evaluators(exp.config, exp.objective, exp.mesh, split=args.split)
-        results = evaluation.run_evaluators(evaluators, state.params)
+        evaluators = evaluation.build_evaluators(exp.config, exp.objective, exp.mesh, split=args.split, names=names)
+        results = {}
+        for i, (name, evaluator) in enumerate(evaluators.items()):
+            print(f"[{i + 1}/{len(evaluators)}] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
+                  flush=True)
+            results.update(evaluator.run(state.params))
     split = args.split or "config"
     record = {"step": step, "split": split, **dict(sorted(results.items())),
               "eval_seconds": round(time.perf_counter() - start, 2)}
     out = Path(args.out) if args.out else Path(args.workdir) / f"eval_{split}_step{step}.json"
     out.write_text(json.dumps(record, indent=2))
+    print(format_table(record))
     print(json.dumps(record), flush=True)
     return record
 

@@ -225,22 +225,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
            f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
            "tools/train_tokenizer.py) or '' for the bundled shapes tokenizer")
-    splits = sources.split_names(config.data.source)
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")
         _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
-        _check(splits is None or ev.get("split") in splits,
-               f"evals.{name}.split={ev.get('split')!r}; valid splits of data.source={config.data.source!r}: "
-               f"{list(splits or ())}")
+        source_key, source = (f"evals.{name}.source", ev.source) if ev.get("source") else ("data.source",
+                                                                                        config.data.source)
+        splits = sources.split_names(source)
+        for split_key in ("split", "train_split"):
+            if split_key == "split" or split_key in ev:
+                _check(splits is None or ev.get(split_key) in splits,
+                       f"evals.{name}.{split_key}={ev.get(split_key)!r}; valid splits of {source_key}={source!r}: "
+                       f"{list(splits or ())}")
         for key in ("num_examples", "batch_size"):
             value = ev.get(key, 1)
             _check(isinstance(value, int) and value > 0, f"evals.{name}.{key}={value!r} must be a positive integer")
-        if ev.type == "zeroshot":
+        if ev.type == "zeroshot" and not ev.get("class_names"):
             try:
-                sources.class_names(config.data.source)
+                sources.class_names(source)
             except ValueError as e:
-                raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or remove "
-                                 f"evals.{name})") from e
+                raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or set "
+                                 f"evals.{name}.class_names, or remove evals.{name})") from e
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -82,7 +82,8 @@ def make_train_dataset(source: Any, example_transform: grain.transforms.Map, bat
 
 @dataclasses.dataclass
 class EvalSet:
-    """A fixed evaluation set held in memory: images float32 [N, H, W, 3], labels int32 [N], captions by kind."""
+    """A fixed evaluation set held in memory: images float32 [N, H, W, 3], labels int32 [N], captions by kind
+    (`noisy`, `synthetic`, ...: one string per image; `all`: a list of strings per image)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -95,8 +96,12 @@ def load_eval_set(source: Any, num_examples: int) -> EvalSet:
         raise ValueError(f"eval set asks for {num_examples} examples but the source has {len(source)}")
     records = [source[i] for i in range(num_examples)]
     kinds = [k[len("caption_"):] for k in records[0] if k.startswith("caption_")]
+    captions: dict[str, list] = {kind: [r[f"caption_{kind}"] for r in records] for kind in kinds}
+    # `all`: every caption of each image (a multi-caption set's list, else one of each kind, deduplicated).
+    captions["all"] = [list(r["captions"]) if "captions" in r else list(dict.fromkeys(r[f"caption_{k}"] for k in kinds))
+                       for r in records]
     return EvalSet(
         images=normalize_image(np.stack([r["image"] for r in records])),
         labels=np.asarray([r["label"] for r in records], np.int32),
-        captions={kind: [r[f"caption_{kind}"] for r in records] for kind in kinds},
+        captions=captions,
     )

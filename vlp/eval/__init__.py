@@ -1,9 +1,19 @@
 """Evaluators by name. Each is built from encoder functions and plain values through
 `Evaluator.build(encoders, name=..., data_source=..., split=..., image_size=..., num_examples=..., **options)` and
 has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tools/eval.py build them from
-`config.evals` without knowing which exist: a new evaluator is one module plus one entry here."""
+`config.evals` without knowing which exist: a new evaluator is one module plus one entry here.
 
+- `zeroshot`: class names + prompt templates (`class_names`, `templates`: bundled sets or files), top-1/top-5.
+- `retrieval`: image<->text R@1/5/10 with one or several captions per image (`caption`: a kind or `all`).
+- `linear_probe`: L2-regularised logistic regression on frozen image embeddings, strength chosen on a validation
+  split (`train_split`, `num_train`, `l2_sweep`).
+- `knn`: weighted kNN on frozen image embeddings (`ks`, `temperature`, `train_split`, `num_train`).
+"""
+
+from vlp.eval.knn import KnnEvaluator
+from vlp.eval.linear_probe import LinearProbeEvaluator
 from vlp.eval.retrieval import RetrievalEvaluator
 from vlp.eval.zero_shot import ZeroShotEvaluator
 
-EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator}
+EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
+              "knn": KnnEvaluator}

@@ -1,9 +1,9 @@
-"""Image <-> text retrieval recall@k on held-out pairs.
+"""Image <-> text retrieval recall@k on held-out pairs, with one or several captions per image (COCO/Flickr: 5).
 
-Several images can share a caption text (a procedural or templated dataset repeats texts), so a hit is scored by
-text, not by index: image->text counts a hit when one of the k retrieved captions has the same text as the
-image's own caption; text->image when one of the k retrieved images has a caption with the query's text.
-With all texts distinct this is the usual index-based recall.
+A hit is scored by text, not by index: image->text counts a hit when one of the k retrieved captions has the text
+of one of the image's own captions; text->image when one of the k retrieved images has a caption with the query's
+text. A procedural or templated dataset repeats texts across images, and this keeps such duplicates from counting
+as misses; with all texts distinct it is the usual index-based recall.
 """
 
 from __future__ import annotations
@@ -14,42 +14,79 @@ from vlp.data import pipeline, sources
 from vlp.eval.common import Encoders, Params, topk_indices
 
 KS = (1, 5, 10)
+_ROWS_PER_CHUNK = 1024  # query rows ranked at once: bounds the [rows, N] score block
+
+
+def _ranked_hits(queries: np.ndarray, keys: np.ndarray, relevant_codes: np.ndarray, code_of, k_max: int) -> np.ndarray:
+    """[Q, k_max] bool: whether the r-th best key of each query is relevant (membership in `relevant_codes`)."""
+    hits = []
+    for start in range(0, len(queries), _ROWS_PER_CHUNK):
+        rows = np.arange(start, min(start + _ROWS_PER_CHUNK, len(queries)))
+        top = topk_indices(queries[rows] @ keys.T, k_max)  # [q, k_max]
+        hits.append(np.isin(code_of(rows[:, None], top), relevant_codes))
+    return np.concatenate(hits)
 
 
 def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, captions: list[str],
-                ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """image_emb [N, D], text_emb [N, D] (row i = caption i of image i) -> {i2t_r1, ..., t2i_r10}."""
-    _, caption_ids = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
-    same_text = caption_ids[:, None] == caption_ids[None, :]  # [N images, N captions]
-    scores = image_emb @ text_emb.T
+                text_image: np.ndarray | None = None, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """image_emb [N, D], text_emb [M, D] with caption j belonging to image text_image[j] (default: j, so M = N).
+
+    Returns {i2t_r1, ..., t2i_r10}: i2t over the N images, t2i over the M captions.
+    """
+    text_image = np.arange(len(captions)) if text_image is None else np.asarray(text_image)
+    if len(text_image) != len(captions) or len(text_emb) != len(captions):
+        raise ValueError(f"{len(captions)} captions, {len(text_emb)} text embeddings and {len(text_image)} "
+                         "caption->image indices: all three must match")
+    if len(captions) and (text_image.min() < 0 or text_image.max() >= len(image_emb)):
+        raise ValueError(f"caption->image indices must be in [0, {len(image_emb)}), got "
+                         f"[{text_image.min()}, {text_image.max()}]")
+    _, text_ids = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    num_texts = int(text_ids.max(initial=0)) + 1
+    # (image, text id) pairs that count as matches, encoded as one integer each.
+    relevant = np.unique(text_image.astype(np.int64) * num_texts + text_ids)
+    k_max = max(ks)
+    i2t = _ranked_hits(image_emb, text_emb, relevant, lambda i, top: i * num_texts + text_ids[top], k_max)
+    t2i = _ranked_hits(text_emb, image_emb, relevant, lambda j, top: top.astype(np.int64) * num_texts + text_ids[j],
+                       k_max)
     out = {}
     for k in ks:
-        i2t = topk_indices(scores, k)  # [N, k] caption indices
-        out[f"i2t_r{k}"] = float(np.take_along_axis(same_text, i2t, axis=1).any(axis=1).mean())
-        t2i = topk_indices(scores.T, k)  # [N, k] image indices
-        out[f"t2i_r{k}"] = float(np.take_along_axis(same_text.T, t2i, axis=1).any(axis=1).mean())
+        out[f"i2t_r{k}"] = float(i2t[:, :k].any(axis=1).mean())
+        out[f"t2i_r{k}"] = float(t2i[:, :k].any(axis=1).mean())
     return out
 
 
 class RetrievalEvaluator:
-    """Yields `retrieval_i2t_r{1,5,10}` and `retrieval_t2i_r{1,5,10}` (key prefix = `name`)."""
+    """Yields `retrieval_i2t_r{1,5,10}` and `retrieval_t2i_r{1,5,10}` (key prefix = `name`).
 
-    def __init__(self, encoders: Encoders, images: np.ndarray, captions: list[str], name: str = "retrieval"):
+    `captions[i]` is the caption, or the list of captions, of image i.
+    """
+
+    def __init__(self, encoders: Encoders, images: np.ndarray, captions: list[list[str]] | list[str],
+                 name: str = "retrieval"):
+        captions = [[c] if isinstance(c, str) else list(c) for c in captions]
         if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions; retrieval needs one per image")
-        self.encoders, self.images, self.captions, self.name = encoders, images, captions, name
-        self.tokens = encoders.tokenize(captions)
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists; retrieval needs one per image")
+        empty = [i for i, c in enumerate(captions) if not c]
+        if empty:
+            raise ValueError(f"images {empty[:5]} have no caption; retrieval needs at least one per image")
+        self.encoders, self.images, self.name = encoders, images, name
+        self.captions = [str(c) for caps in captions for c in caps]
+        self.text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+        self.tokens = encoders.tokenize(self.captions)
 
     @classmethod
     def build(cls, encoders: Encoders, *, name: str, data_source: str, split: str, image_size: int,
               num_examples: int, caption: str = "synthetic", **unused) -> "RetrievalEvaluator":
-        """The first `num_examples` pairs of a source's split, with the captions of kind `caption`."""
+        """The first `num_examples` images of a source's split with their captions of kind `caption`
+        (`all`: every caption of a multi-caption set, e.g. COCO's five)."""
         eval_set = pipeline.load_eval_set(sources.make_source(data_source, split, image_size), num_examples)
         if caption not in eval_set.captions:
             raise ValueError(f"evals.{name}.caption={caption!r}; valid: {sorted(eval_set.captions)}")
-        return cls(encoders, eval_set.images, eval_set.captions[caption], name=name)
+        captions = eval_set.captions[caption]
+        return cls(encoders, eval_set.images, captions, name=name)
 
     def run(self, params: Params) -> dict[str, float]:
         image_emb = self.encoders.encode_image(params, self.images)
         text_emb = self.encoders.encode_text(params, self.tokens)
-        return {f"{self.name}_{k}": v for k, v in recall_at_k(image_emb, text_emb, self.captions).items()}
+        scores = recall_at_k(image_emb, text_emb, self.captions, self.text_image)
+        return {f"{self.name}_{k}": v for k, v in scores.items()}

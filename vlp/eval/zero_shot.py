@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlp.data import pipeline, sources
+from vlp.eval import prompts as prompt_sets
 from vlp.eval.common import Encoders, Params, topk_indices
 
 
@@ -24,24 +25,41 @@ def topk_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarr
     return float((top == labels[:, None]).any(axis=1).mean())
 
 
+def class_prompt_lists(data_source: str, class_names: str = "", templates: str = "") -> list[list[str]]:
+    """The prompt ensemble of every class, in label order.
+
+    Class names: a bundled list or file (`class_names`), else the source's own. Prompts: `templates` (a bundled set
+    or file) filled with each name, else the source's own prompts where it has them (shapes), else `clip80`.
+    """
+    names = prompt_sets.load_class_names(class_names) if class_names else list(sources.class_names(data_source))
+    if templates:
+        return prompt_sets.fill_templates(prompt_sets.load_templates(templates), names)
+    if not class_names and data_source == "shapes":  # the procedural set ships prompts written for its captions
+        return [sources.class_prompts(data_source, name) for name in names]
+    return prompt_sets.fill_templates(prompt_sets.load_templates("clip80"), names)
+
+
 class ZeroShotEvaluator:
     """Yields `zeroshot_top1` and `zeroshot_top5` (key prefix = `name`)."""
 
     def __init__(self, encoders: Encoders, images: np.ndarray, labels: np.ndarray, class_prompts: list[list[str]],
                  name: str = "zeroshot"):
-        if labels.max(initial=0) >= len(class_prompts):
-            raise ValueError(f"labels go up to {labels.max()} but only {len(class_prompts)} classes have prompts")
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_prompts):
+            raise ValueError(f"labels span [{labels.min()}, {labels.max()}] but only {len(class_prompts)} classes "
+                             "have prompts; check the class-name list against the eval set's labels")
         self.encoders, self.images, self.labels, self.name = encoders, images, labels, name
         self.prompt_counts = [len(p) for p in class_prompts]
         self.prompt_tokens = encoders.tokenize([p for prompts in class_prompts for p in prompts])
 
     @classmethod
     def build(cls, encoders: Encoders, *, name: str, data_source: str, split: str, image_size: int,
-              num_examples: int, prompt_ensemble: bool = True, **unused) -> "ZeroShotEvaluator":
+              num_examples: int, prompt_ensemble: bool = True, class_names: str = "", templates: str = "",
+              **unused) -> "ZeroShotEvaluator":
         """The first `num_examples` images of a labelled source's split; each class is the mean of its prompt
-        ensemble (or only its first prompt with `prompt_ensemble=False`)."""
+        ensemble (or only its first prompt with `prompt_ensemble=False`). See `class_prompt_lists` for
+        `class_names` and `templates`."""
         eval_set = pipeline.load_eval_set(sources.make_source(data_source, split, image_size), num_examples)
-        prompts = [sources.class_prompts(data_source, c) for c in sources.class_names(data_source)]
+        prompts = class_prompt_lists(data_source, class_names, templates)
         if not prompt_ensemble:
             prompts = [p[:1] for p in prompts]
         return cls(encoders, eval_set.images, eval_set.labels, prompts, name=name)

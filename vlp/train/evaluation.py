@@ -44,17 +44,23 @@ def make_encoders(objective: Any, mesh: Mesh, batch_size: int) -> Encoders:
     )
 
 
-def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Mesh,
-                     split: str | None = None) -> dict[str, Any]:
-    """One evaluator per entry of config.evals; `split` overrides every entry's split (tools/eval.py --split)."""
+def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Mesh, split: str | None = None,
+                     names: list[str] | None = None) -> dict[str, Any]:
+    """One evaluator per entry of config.evals (or of `names`, in that order); `split` overrides every entry's
+    split (tools/eval.py --split). An entry's `source` evaluates on another data source than the training one."""
+    names = list(config.evals.keys()) if names is None else list(names)
+    unknown = [n for n in names if n not in config.evals]
+    if unknown:
+        raise ValueError(f"no evaluator named {unknown} in config.evals; valid: {sorted(config.evals.keys())}")
     evaluators = {}
-    for name, ev in config.evals.items():
+    for name in names:
+        ev = config.evals[name]
         if ev.type not in EVALUATORS:
             raise ValueError(f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
-        options = {k: v for k, v in ev.to_dict().items() if k not in ("type", "split", "batch_size")}
+        options = {k: v for k, v in ev.to_dict().items() if k not in ("type", "split", "batch_size", "source")}
         encoders = make_encoders(objective, mesh, ev.get("batch_size", 500))
         evaluators[name] = EVALUATORS[ev.type].build(
-            encoders, name=name, data_source=config.data.source, split=split or ev.split,
+            encoders, name=name, data_source=ev.get("source") or config.data.source, split=split or ev.split,
             image_size=config.data.image_size, **options)
     return evaluators
 
