@@ -77,7 +77,8 @@ def write_tar(path: Path, rows: list[dict], first: int = 0) -> None:
 
 
 def write_record_shards(out: Path, n: int, size: tuple[int, int] = (40, 48), corrupt: tuple[int, ...] = (),
-                        shard_size: int = 16, split: str = "train", synthetic: bool = True) -> str:
+                        shard_size: int = 16, split: str = "train", synthetic: bool = True,
+                        label_offset: int = 0) -> str:
     """ArrayRecord shards through the real writer; indices in `corrupt` get garbage bytes as their record."""
     from vlp.data import shard_writer
 
@@ -92,7 +93,7 @@ def write_record_shards(out: Path, n: int, size: tuple[int, int] = (40, 48), cor
             from vlp.data.ingest_inputs import RawExample
 
             return RawExample(f"k{i}", image_bytes(i, size=size), [f"caption {i}"],
-                              f"synthetic caption {i}" if synthetic else None, i % 5)
+                              f"synthetic caption {i}" if synthetic else None, i % 5 + label_offset)
 
     shard_writer.write_shards(Rows(), str(out), split, shard_size)
     if corrupt:  # rewrite the shards with garbage in place of the chosen records

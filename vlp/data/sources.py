@@ -115,7 +115,8 @@ def _tfds_builder(arg: str):
     try:
         return tfds.builder(f"{name}:{version}" if version else name)
     except Exception as e:  # noqa: BLE001 - tfds raises several types for unknown / unprepared sets
-        raise ValueError(f"data source tfds:{arg}: {type(e).__name__}: {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"data source tfds:{arg}: {type(e).__name__}: {first_line}") from e
 
 
 def _tfds_features(builder) -> tuple[str | None, str | None, str | None]:
@@ -139,13 +140,18 @@ class TfdsSource:
         if self.image_key is None:
             raise ValueError(f"data source tfds:{arg} has no Image feature; features: "
                              f"{sorted(builder.info.features)}")
-        if split not in builder.info.splits:
+        if builder.info.splits and split not in builder.info.splits:
             raise ValueError(f"data source tfds:{arg} has no split {split!r}; valid: {sorted(builder.info.splits)}")
         self.arg, self.split, self.image_size = arg, split, image_size
         self.class_names = builder.info.features[self.label_key].names if self.label_key else None
         self.has_synthetic_caption = False
         name, version = _tfds_name(arg)
-        self._data = tfds.data_source(f"{name}:{version}" if version else name, split=split, download=False)
+        try:
+            self._data = tfds.data_source(f"{name}:{version}" if version else name, split=split, download=False)
+        except Exception as e:  # noqa: BLE001 - not prepared, not ArrayRecord, ...
+            raise ValueError(f"data source tfds:{arg} split {split!r} cannot be read ({type(e).__name__}: {e}); "
+                             "prepare it as ArrayRecord first (tfds build --file_format=array_record, which needs "
+                             "TensorFlow) under $TFDS_DATA_DIR") from e
         total = len(self._data)
         self.num_examples = total if num_examples is None else min(int(num_examples), total)
 
@@ -199,7 +205,7 @@ def split_names(spec: str) -> tuple[str, ...] | None:
         return shapes.SPLITS
     if kind == "arrayrecord":
         return tuple(sorted(load_manifest(arg)["splits"]))
-    return tuple(sorted(_tfds_builder(arg).info.splits))
+    return tuple(sorted(_tfds_builder(arg).info.splits)) or None  # an unprepared set lists none
 
 
 def has_synthetic_captions(spec: str, split: str = "train") -> bool:
