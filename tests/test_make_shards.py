@@ -24,12 +24,17 @@ def read_split(out, split="train"):
     return [source[i] for i in range(len(source))]
 
 
+def csv_args(root, out, workers=1):
+    return [f"--captions={root / 'captions.csv'}", f"--images_root={root / 'images'}", f"--out={out}", "--shard_size=5",
+            f"--workers={workers}"]
+
+
 @pytest.fixture(scope="module")
 def csv_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("csv")
-    table = write_caption_folder(root)
+    write_caption_folder(root)
     out = root / "shards"
-    code = make_shards.main([f"--captions={table}", f"--images_root={root / 'images'}", f"--out={out}", "--shard_size=5", "--workers=1"])
+    code = make_shards.main(csv_args(root, out))
     return root, out, code
 
 
@@ -75,14 +80,12 @@ def test_rerun_resumes_and_output_is_deterministic_across_worker_counts(csv_run,
     (out / first[1]["file"]).unlink()
     (out / (first[1]["file"] + ".json")).unlink()
     kept = (out / first[0]["file"]).stat().st_mtime_ns
-    assert make_shards.main([f"--captions={root / 'captions.csv'}", f"--images_root={root / 'images'}", f"--out={out}", "--shard_size=5",
-                             "--workers=1"]) == 0
+    assert make_shards.main(csv_args(root, out)) == 0
     assert (out / first[0]["file"]).stat().st_mtime_ns == kept
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"] == first
     # Two worker processes write the same bytes.
     other = tmp_path / "two_workers"
-    assert make_shards.main([f"--captions={root / 'captions.csv'}", f"--images_root={root / 'images'}", f"--out={other}", "--shard_size=5",
-                             "--workers=2"]) == 0
+    assert make_shards.main(csv_args(root, other, workers=2)) == 0
     assert json.loads((other / "manifest.json").read_text())["splits"]["train"]["shards"] == first
 
 
