@@ -159,3 +159,19 @@ def test_nothing_valid_exits_non_zero_and_help_works(tmp_path):
     (tmp_path / "x.csv").write_text("file,words\na.jpg,b\n")
     with pytest.raises(ValueError, match="needs a path column"):
         make_shards.main([f"--captions={tmp_path / 'x.csv'}", f"--out={tmp_path / 'o'}"])
+
+
+def test_tokenizer_trains_on_the_captions_of_shards(csv_run, tmp_path):
+    import train_tokenizer
+
+    from vlp.data.tokenizer import Tokenizer
+
+    _, out, _ = csv_run
+    rows = good_rows(12)
+    assert sources.all_captions(f"arrayrecord:{out}") == [t for r in rows for t in (r["caption"],
+                                                                                     r["caption_synthetic"])]
+    model = train_tokenizer.main([f"--source=arrayrecord:{out}", f"--out={tmp_path / 'tok'}", "--vocab_size=48"])
+    tokenizer = Tokenizer(model)
+    assert tokenizer.vocab_size == 48
+    ids = tokenizer.encode(["a detailed synthetic caption of photo 7"], 64)  # 48 pieces: many per word
+    assert tokenizer.decode(ids[0]) == "a detailed synthetic caption of photo 7"

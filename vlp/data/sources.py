@@ -242,6 +242,24 @@ def class_names(spec: str) -> tuple[str, ...]:
     return tuple(builder.info.features[label_key].names)
 
 
+def all_captions(spec: str, split: str = "train", limit: int | None = None) -> list[str]:
+    """Every caption of the first `limit` records of a split (all of them by default), in record order: the
+    main caption(s), then the synthetic one where a record has its own. For tokenizer training: ArrayRecord
+    shards are read without decoding images, shapes draws only layouts."""
+    kind, arg = parse_spec(spec)
+    if kind == "shapes":
+        return shapes.all_captions(split, limit or shapes.SPLIT_SIZES[split])
+    out: list[str] = []
+    if kind == "arrayrecord":
+        source = ArrayRecordSource(arg, split, num_examples=limit)
+        for i in range(len(source)):
+            header, _ = records.decode_header(source._data()[i])
+            out += header["captions"] + ([header["caption_synthetic"]] if "caption_synthetic" in header else [])
+        return out
+    source = TfdsSource(arg, split, num_examples=limit)
+    return [source[i]["caption_noisy"] for i in range(len(source))]
+
+
 def class_prompts(spec: str, class_name: str) -> list[str]:
     """Zero-shot prompt ensemble for one class of a source."""
     if parse_spec(spec)[0] == "shapes":
