@@ -137,3 +137,15 @@ def test_config_rejects_bad_source_specs(spec, tmp_path):
     config = tiny_config(**{"data.mixture": f"('shapes=2', '{spec}=1')"})
     vlp_config.validate(config)
     assert vlp_config.parse_mixture(config.data.mixture) == [("shapes", 2.0), (spec, 1.0)]
+
+
+def test_eval_set_resizes_and_center_crops_real_images(spec):
+    from vlp.data.pipeline import load_eval_set
+
+    source = sources.make_source(spec, "train", 16)
+    eval_set = load_eval_set(source, 4)  # records 0-3 are intact; images are stored at 40x48
+    assert eval_set.images.shape == (4, 16, 16, 3) and eval_set.images.dtype == np.float32
+    expected = augment.resize_center_crop(source[2]["image"], 16).astype(np.float32) * (2 / 255) - 1
+    np.testing.assert_allclose(eval_set.images[2], expected, atol=1e-6)
+    assert eval_set.all_captions == [[f"caption {i}"] for i in range(4)]
+    assert eval_set.captions["synthetic"][1] == "synthetic caption 1"
