@@ -97,7 +97,7 @@ class CaptionFileInput:
         self.images_root = str(images_root or epath.Path(table).parent)
 
     def rows(self) -> list[tuple[int, dict]]:
-        text = epath.Path(self.table).read_bytes().decode("utf-8", "surrogateescape")
+        text = epath.Path(self.table).read_bytes().decode("utf-8-sig", "surrogateescape")  # -sig: Excel BOM
         if self.table.endswith((".jsonl", ".json")):
             out = []
             for i, line in enumerate(text.splitlines()):
