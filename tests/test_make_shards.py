@@ -89,6 +89,25 @@ def test_rerun_resumes_and_output_is_deterministic_across_worker_counts(csv_run,
     assert json.loads((other / "manifest.json").read_text())["splits"]["train"]["shards"] == first
 
 
+def test_verify_finds_a_damaged_shard(csv_run, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = csv_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert make_shards.main(["--verify", f"--out={copy}"]) == 0
+    shard = copy / "train-00001-of-00004.array_record"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (copy / "train-00002-of-00004.array_record").unlink()
+    capsys.readouterr()
+    assert make_shards.main(["--verify", f"--out={copy}"]) == 1
+    assert json.loads(capsys.readouterr().out)["problems"] == [
+        "train: train-00001-of-00004.array_record does not match its checksum (damaged or rewritten)",
+        "train: train-00002-of-00004.array_record is missing"]
+
+
 def test_jsonl_keeps_every_caption_of_an_image(tmp_path):
     rows = good_rows(4)
     write_images(tmp_path, rows)

@@ -7,6 +7,7 @@
   python tools/make_shards.py --tar='laion/{00000..00009}.tar' --out=shards/laion     # webdataset / img2dataset
   python tools/make_shards.py --parquet=data/pairs.parquet --out=shards/pairs
   python tools/make_shards.py --class_folders=eurosat/val --split=validation --out=shards/eurosat
+  python tools/make_shards.py --verify --out=shards/mine      # shards still match the manifest's checksums?
 
 CSV/TSV need a header row: path, caption[, caption_synthetic][, label]; JSONL objects use the same names (or
 `captions: [...]`). Paths may be `gs://...`. Bad rows (missing, zero-byte or corrupt images, empty or non-UTF-8
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--tar", nargs="+", help="webdataset tar shards (globs and {000..009} ranges)")
     kind.add_argument("--parquet", nargs="+", help="parquet files with image bytes or image paths")
     kind.add_argument("--class_folders", help="folder whose sub-folders are classes")
+    kind.add_argument("--verify", action="store_true",
+                      help="check the shards in --out against the manifest's checksums (exit 1 on a mismatch)")
     parser.add_argument("--images_root", default=None, help="folder that relative image paths start from")
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
     parser.add_argument("--split", default="train", help="split name (one run writes one split)")
@@ -59,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlp.data import ingest_inputs, shard_writer
 
+    if args.verify:
+        problems = shard_writer.verify_shards(args.out)
+        print(json.dumps({"out": args.out, "intact": not problems, "problems": problems}))
+        return 1 if problems else 0
     class_names = None
     if args.captions:
         source = ingest_inputs.CaptionFileInput(args.captions, args.images_root)

@@ -93,7 +93,11 @@ def make_train_dataset(source: Any, example_transform: grain.transforms.Map, bat
     if not streams or any(s.weight <= 0 for s in streams):
         raise ValueError(f"a training mixture needs >= 1 source, each with a weight > 0; got weights "
                          f"{[s.weight for s in streams]}")
-    parts = [_endless(stream, spec.seed + i) for i, stream in enumerate(streams)]
+    # Source 0 keeps the run's seed (a single source reads as before); the others get seeds hashed from (seed, i),
+    # so runs with neighbouring seeds do not share a source's order (as seed + i would).
+    seeds = [spec.seed] + [int(np.random.SeedSequence([spec.seed, i]).generate_state(1)[0] >> 1)
+                           for i in range(1, len(streams))]
+    parts = [_endless(stream, seed) for stream, seed in zip(streams, seeds, strict=True)]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in streams])
     ds = ds[spec.process_index::spec.process_count]
     ds = ds.map(example_transform)

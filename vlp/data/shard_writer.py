@@ -79,6 +79,30 @@ def validate_example(example: RawExample, resize_short_side: int = 0) -> bytes:
     return records.encode_record(example.key, image_bytes, captions, example.label, synthetic)
 
 
+def file_sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(out_dir: str) -> list[str]:
+    """Problems found when every shard of every split is checked against the manifest's SHA-256 ([] = intact)."""
+    out = epath.Path(out_dir)
+    if not (out / MANIFEST).exists():
+        return [f"no {MANIFEST} in {out_dir}"]
+    problems = []
+    for split, entry in json.loads((out / MANIFEST).read_text())["splits"].items():
+        for shard in entry["shards"]:
+            path = out / shard["file"]
+            if not path.exists():
+                problems.append(f"{split}: {shard['file']} is missing")
+            elif file_sha256(path) != shard["sha256"]:
+                problems.append(f"{split}: {shard['file']} does not match its checksum (damaged or rewritten)")
+    return problems
+
+
 def _write_shard(job: tuple[Any, list, int, str, str, int]) -> dict:
     """Writes one shard (locally, then copied into place) and its sidecar; returns the sidecar dict."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -103,15 +127,12 @@ def _write_shard(job: tuple[Any, list, int, str, str, int]) -> dict:
             has_synthetic &= example.caption_synthetic is not None
             max_captions = max(max_captions, len(example.captions))
         writer.close()
-        digest = hashlib.sha256()
-        with open(local, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest = file_sha256(epath.Path(local))
         target = epath.Path(out_dir) / name
         with open(local, "rb") as src, (epath.Path(out_dir) / (name + ".tmp")).open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         (epath.Path(out_dir) / (name + ".tmp")).rename(target)
-    sidecar = {"file": name, "num_records": num_records, "sha256": digest.hexdigest(), "num_rows": len(refs),
+    sidecar = {"file": name, "num_records": num_records, "sha256": digest, "num_rows": len(refs),
                "skipped_counts": dict(sorted(counts.items())), "skipped": skipped,
                "has_synthetic_caption": bool(num_records and has_synthetic), "max_captions": max_captions}
     (epath.Path(out_dir) / (name + ".json")).write_text(json.dumps(sidecar, sort_keys=True))
