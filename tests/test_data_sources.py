@@ -1,6 +1,8 @@
 """ArrayRecord and TFDS sources, the random resized crop, mixtures, exact resume over shards with 2 grain workers,
 corrupt records skipped and counted, and config validation of source specs."""
 
+import pickle
+
 import grain
 import numpy as np
 import pytest
@@ -119,6 +121,7 @@ def test_tfds_source_reads_through_data_source_without_tensorflow():
         assert len(source) == 6 and record["image"].shape == (28, 28, 3) and record["image"].dtype == np.uint8
         assert record["caption_noisy"] == f"a photo of a {record['label']}." and 0 <= record["label"] < 10
         assert sources.class_names("tfds:mnist") == tuple(str(i) for i in range(10))
+        assert pickle.loads(pickle.dumps(source))[2]["label"] == record["label"]  # grain workers get a copy
     with pytest.raises(ValueError, match="tfds:no_such_set_xyz: DatasetNotFoundError"):
         sources.make_source("tfds:no_such_set_xyz", "train", 28)
 
