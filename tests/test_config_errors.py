@@ -7,7 +7,6 @@ import pytest
 from conftest import REPO, tiny_config
 
 from vlp import config as vlp_config
-from vlp.data import sources
 from vlp.train import trainer
 from vlp.train.trainer import build_experiment, train_and_evaluate
 from vlp.train.workdir import prepare_workdir
@@ -78,7 +77,8 @@ BAD_CONFIGS = {
         {"data.tokenizer": "/nonexistent/sp.model"},
         r"data.tokenizer='/nonexistent/sp.model' is not a file; valid: a SentencePiece .model file .* or '' for the "
         r"bundled"),
-    "unknown_data_source": ({"data.source": "laion"}, r"data.source='laion'; valid: \['shapes'\]"),
+    "unknown_data_source": ({"data.source": "laion"}, r"data.source='laion': unknown data source 'laion'; valid forms: "
+                                                      r"\['shapes', 'arrayrecord:<dir or manifest.json>', 'tfds:"),
     "unknown_caption_kind": ({"data.train_caption": "long"}, r"data.train_caption='long'; valid: \('noisy', "),
     "negative_worker_count": ({"data.worker_count": "-1"}, r"data.worker_count=-1 must be >= 0"),
     "unknown_eval_type": (
@@ -121,10 +121,14 @@ def test_bad_config_fails_before_compilation(tmp_path, no_compilation, overrides
 
 
 def test_zeroshot_eval_on_a_source_without_class_names(tmp_path, no_compilation, monkeypatch):
-    monkeypatch.setitem(sources.SOURCES, "captions_only", sources.SOURCES["shapes"])
-    config = tiny_config(**{"data.source": "captions_only"})
-    message = (r"evals.zeroshot.type='zeroshot' needs class names: data source 'captions_only' has no class names; "
-               r"valid: \['shapes'\] \(or set evals.zeroshot.class_names, or remove evals.zeroshot\)")
+    from make_data import write_record_shards
+
+    for split in ("train", "validation"):  # a caption set: no class names
+        spec = write_record_shards(tmp_path / "captions_only", 8, split=split)
+    config = tiny_config(**{"data.source": spec})
+    message = (rf"evals.zeroshot.type='zeroshot' needs class names: data source '{re.escape(spec)}' has no class "
+               r"names \(its manifest lists none; make_shards writes them for --class_folders input\) \(or set "
+               r"evals.zeroshot.class_names, or remove evals.zeroshot\)")
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, tmp_path / "run")
 

@@ -206,6 +206,7 @@ def check_workdir_shared(workdir: str, process_id: int, num_processes: int) -> R
 
 def check_data(config: Any) -> list[Row]:
     """The tokenizer loads; the training source opens and its first record reads; path-like data keys exist."""
+    from vlp import config as vlp_config
     from vlp.data import sources
     from vlp.data.tokenizer import Tokenizer
 
@@ -222,13 +223,15 @@ def check_data(config: Any) -> list[Row]:
             found = sorted(Path().glob(value)) if any(c in value for c in "*?[") else [Path(value)]
             ok = bool(found) and all(p.exists() for p in found)
             rows.append(Row(f"data.{key}", value, "ok" if ok else "FAIL", "" if ok else "not found"))
-    try:
-        source = sources.make_source(config.data.source, "train", config.data.image_size)
-        record = source[0]
-        rows.append(Row("data", f"{config.data.source} train split", "ok",
-                        f"{len(source):,} records; record 0 has {sorted(record)}"))
-    except Exception as e:  # noqa: BLE001
-        rows.append(Row("data", f"{config.data.source} train split", "FAIL", f"cannot read record 0: {e}"))
+    split = config.data.train_split
+    for spec, _ in vlp_config.parse_mixture(config.data.mixture) or [(config.data.source, 1.0)]:
+        try:
+            source = sources.make_source(spec, split, config.data.image_size)
+            record = source[0]
+            rows.append(Row("data", f"{spec} {split} split", "ok",
+                            f"{len(source):,} records; record 0 has {sorted(record)}"))
+        except Exception as e:  # noqa: BLE001
+            rows.append(Row("data", f"{spec} {split} split", "FAIL", f"cannot read record 0: {e}"))
     return rows
 
 

@@ -31,8 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, across all devices and processes
 
     c.data = dict(
+        # shapes | arrayrecord:<dir or manifest.json> (tools/make_shards.py) | tfds:<name>[:<version>]; evals read it
         source="shapes",
+        train_split="train",
+        # Training mixture: ("<spec>=<weight>", ...), e.g. ("arrayrecord:/d/cc3m=3", "arrayrecord:/d/coco=1");
+        # empty = train on `source` alone.
+        mixture=(),
         image_size=32,
+        random_crop_scale=(0.9, 1.0),  # random resized crop area range for real images (never for shapes)
+        random_flip=True,  # horizontal flips for real images (never for shapes: its captions name positions)
         train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
         synthetic_caption_prob=0.5,  # with "both": how often the synthetic caption is the one trained on
         max_text_len=16,
@@ -160,6 +167,43 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(f"invalid config: {message}")
 
 
+def parse_mixture(mixture: tuple[str, ...]) -> list[tuple[str, float]]:
+    """("<spec>=<weight>", ...) -> [(spec, weight), ...]; a bad entry names the expected form."""
+    out = []
+    for entry in mixture:
+        spec, sep, weight = str(entry).rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        _check(bool(sep) and bool(spec) and value is not None and value > 0,
+               f"data.mixture entry {entry!r} is not '<source spec>=<weight > 0>' (e.g. 'arrayrecord:/data/cc3m=3')")
+        out.append((spec, value))
+    return out
+
+
+def _check_data_sources(data: ml_collections.ConfigDict) -> None:
+    from vlp.data import sources
+
+    train_specs = [spec for spec, _ in parse_mixture(data.mixture)] or [data.source]
+    for key, spec in [("data.source", data.source)] + [("data.mixture", s) for s in train_specs if data.mixture]:
+        try:
+            sources.check_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"invalid config: {key}={spec!r}: {e}") from e
+    for spec in train_specs:
+        splits = sources.split_names(spec)
+        _check(splits is None or data.train_split in splits,
+               f"data.train_split={data.train_split!r} is not a split of {spec!r}; valid: {list(splits or ())}")
+        _check(data.train_caption != "synthetic" or sources.has_synthetic_captions(spec, data.train_split),
+               f"data.train_caption='synthetic' but {spec!r} has no synthetic captions (write them with a "
+               "caption_synthetic column in tools/make_shards.py); valid here: 'noisy' or 'both' (falls back to the "
+               "main caption)")
+    scale = tuple(data.random_crop_scale)
+    _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+           f"data.random_crop_scale={scale} must be (low, high) with 0 < low <= high <= 1")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that do not depend on the devices (the trainer checks mesh and batch divisibility)."""
     from vlp.data import sources
@@ -181,7 +225,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= config.loss.label_smoothing < 1, f"loss.label_smoothing={config.loss.label_smoothing} not in [0, 1)")
     variants = sorted(LOSS_VARIANTS["softmax"])
     _check(config.loss.variant in variants, f"loss.variant={config.loss.variant!r}; valid: {variants}")
-    _check(config.data.source in sources.SOURCES, f"data.source={config.data.source!r}; valid: {list(sources.SOURCES)}")
+    _check_data_sources(config.data)
     _check(config.data.train_caption in CAPTION_CHOICES,
            f"data.train_caption={config.data.train_caption!r}; valid: {CAPTION_CHOICES}")
     _check(0 <= config.data.synthetic_caption_prob <= 1,
@@ -230,6 +274,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
         source_key, source = (f"evals.{name}.source", ev.source) if ev.get("source") else ("data.source",
                                                                                         config.data.source)
+        if ev.get("source"):
+            try:
+                sources.check_spec(ev.source)
+            except ValueError as e:
+                raise ValueError(f"invalid config: evals.{name}.source={ev.source!r}: {e}") from e
         splits = sources.split_names(source)
         for split_key in ("split", "train_split"):
             if split_key == "split" or split_key in ev:

@@ -134,8 +134,8 @@ def build_shapes_tokenizer(out_dir: str | Path, num_examples: int = SHAPES_TRAIN
 
     ``build_shapes_tokenizer("vlp/data/assets")`` regenerates the committed asset byte for byte.
     """
-    from vlp.data import shapes  # local: the tokenizer itself does not depend on the dataset
+    from vlp.data import sources  # local: the tokenizer itself does not depend on the datasets
 
-    texts = shapes.all_captions("train", num_examples)
+    texts = sources.all_captions("shapes", "train", num_examples)
     return train_sentencepiece(texts, str(Path(out_dir) / Path(BUNDLED_MODEL).stem), vocab_size,
                                model_type="bpe", character_coverage=1.0)

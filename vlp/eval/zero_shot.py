@@ -29,14 +29,13 @@ def class_prompt_lists(data_source: str, class_names: str = "", templates: str =
     """The prompt ensemble of every class, in label order.
 
     Class names: a bundled list or file (`class_names`), else the source's own. Prompts: `templates` (a bundled set
-    or file) filled with each name, else the source's own prompts where it has them (shapes), else `clip80`.
+    or file) filled with each name; else, for the source's own names, the source's prompts (`sources.class_prompts`:
+    shapes' caption-style prompts, generic photo templates for other sets); else (names from a list) `clip80`.
     """
-    names = prompt_sets.load_class_names(class_names) if class_names else list(sources.class_names(data_source))
-    if templates:
-        return prompt_sets.fill_templates(prompt_sets.load_templates(templates), names)
-    if not class_names and data_source == "shapes":  # the procedural set ships prompts written for its captions
-        return [sources.class_prompts(data_source, name) for name in names]
-    return prompt_sets.fill_templates(prompt_sets.load_templates("clip80"), names)
+    if templates or class_names:
+        names = prompt_sets.load_class_names(class_names) if class_names else list(sources.class_names(data_source))
+        return prompt_sets.fill_templates(prompt_sets.load_templates(templates or "clip80"), names)
+    return [sources.class_prompts(data_source, name) for name in sources.class_names(data_source)]
 
 
 class ZeroShotEvaluator:

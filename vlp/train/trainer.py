@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from vlp import config as vlp_config
-from vlp.data import pipeline, sources
+from vlp.data import augment, pipeline, sources
 from vlp.data.transforms import SKIPPED_KEY, SelectCaption, TokenizeBatch
 from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
@@ -156,12 +156,24 @@ def make_train_iterator(config: ml_collections.ConfigDict, objective: Objective)
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
-    source = sources.make_source(config.data.source, "train", config.data.image_size)
     select = SelectCaption(config.data.train_caption, config.seed, config.data.synthetic_caption_prob)
     tokenize = TokenizeBatch(objective.tokenizer, config.data.max_text_len)
     spec = pipeline.TrainStreamSpec(config.batch_size, config.seed, jax.process_index(), jax.process_count(),
                                     config.data.worker_count, config.data.read_threads)
-    return iter(pipeline.make_train_dataset(source, select, tokenize, spec))
+    return iter(pipeline.make_train_dataset(train_streams(config), select, tokenize, spec))
+
+
+def train_streams(config: ml_collections.ConfigDict) -> list[pipeline.SourceStream]:
+    """The training sources (`data.mixture`, else `data.source`) with their weights and image geometry: a random
+    resized crop (+ flip) to `data.image_size` for real images, none for shapes (its captions name positions)."""
+    data = config.data
+    streams = []
+    for spec, weight in vlp_config.parse_mixture(data.mixture) or [(data.source, 1.0)]:
+        source = sources.make_source(spec, data.train_split, data.image_size)
+        crop = augment.RandomResizedCrop(data.image_size, tuple(data.random_crop_scale), data.random_flip) \
+            if sources.augmentable(spec) else None
+        streams.append(pipeline.SourceStream(source, weight, crop))
+    return streams
 
 
 class _Throughput:
