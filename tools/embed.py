@@ -4,7 +4,7 @@
   python tools/embed.py --workdir=runs/x --images img1.jpg img2.png --texts captions.txt --out=emb.npz
   python tools/embed.py --workdir=runs/x --image_dir=photos/ --out=emb/        # a folder of .npy files
 
-Images are resized (shorter side to the model's image size, bicubic) and center-cropped, then normalised as in
+Images are resized (shorter side to the model's image size) and center-cropped, then normalised as in
 training; captions (one per line of --texts) are tokenised with the run's tokenizer. Embeddings are L2-normalised
 float32. `--out` ending in .npz writes one file (image_embeddings, image_paths, text_embeddings, texts); otherwise
 a folder with image_embeddings.npy, image_paths.txt, text_embeddings.npy, texts.txt. Unreadable images are skipped
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,32 +41,13 @@ def image_paths(args: argparse.Namespace) -> list[str]:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: shorter side resized to `size` (bicubic), then the central square."""
+    """uint8 [size, size, 3]: decoded as RGB, shorter side resized to `size`, then the central square (as eval)."""
     from PIL import Image
 
+    from vlp.data.augment import resize_center_crop
+
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = size / min(image.size)
-        resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                               Image.Resampling.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)), np.uint8)
-
-
-class Progress:
-    """`embed images 2048/10000 (20%) | 310/s | ETA 26s` on stderr, at most twice a second."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.start, self.last = what, total, time.perf_counter(), 0.0
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < 0.5 and done < self.total:
-            return
-        self.last, rate = now, done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        print(f"\r{self.what} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) | {rate:.0f}/s | "
-              f"ETA {eta:.0f}s", end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
+        return resize_center_crop(np.asarray(image.convert("RGB"), np.uint8), size)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("nothing to embed: give --images, --image_list, --image_dir and/or --texts")
     quiet_library_logs()
 
+    from tqdm import tqdm
+
     from vlp.data.transforms import normalize_image
     from vlp.train.evaluation import make_encoders
     from vlp.train.restore import restore_run
@@ -97,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     image_emb, kept, skipped = [], [], []
     with exp.context():
         encoders = make_encoders(exp.objective, exp.mesh, args.batch_size)
-        progress = Progress("embed images", len(paths))
+        progress = tqdm(total=len(paths), desc="embed images", unit="img", file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(paths), CHUNK):
             chunk = []
             for path in paths[start:start + CHUNK]:
@@ -108,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
                     skipped.append(f"{path}\t{type(e).__name__}: {e}")
             if chunk:
                 image_emb.append(encoders.encode_image(state.params, normalize_image(np.stack(chunk))))
-            progress.update(min(start + CHUNK, len(paths)))
+            progress.update(len(paths[start:start + CHUNK]))
+        progress.close()
         text_emb = encoders.encode_text(state.params, encoders.tokenize(texts)) if texts else None
     dim = next((a.shape[1] for a in (*image_emb, text_emb) if a is not None), 0)
     images = np.concatenate(image_emb).astype(np.float32) if image_emb else np.zeros((0, dim), np.float32)

@@ -21,6 +21,7 @@ from typing import Any
 
 from etils import epath
 from PIL import Image
+from tqdm import tqdm
 
 from vlp.data import records
 from vlp.data.ingest_inputs import BadRow, RawExample
@@ -139,14 +140,6 @@ def _write_shard(job: tuple[Any, list, int, str, str, int]) -> dict:
     return sidecar
 
 
-def _progress(total: int, initial: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional: a plain counter on stderr
-        return None
-    return tqdm(total=total, initial=initial, unit="shard", file=sys.stderr, dynamic_ncols=True)
-
-
 def write_shards(source: Any, out_dir: str, split: str = "train", shard_size: int = 10_000, workers: int = 1,
                  resize_short_side: int = 0, class_names: list[str] | None = None) -> dict:
     """Writes `<out_dir>/<split>-NNNNN-of-MMMMM.array_record` shards, `<split>-skipped.jsonl` and updates
@@ -164,7 +157,7 @@ def write_shards(source: Any, out_dir: str, split: str = "train", shard_size: in
     todo = [job for job in jobs if job[4] not in done]
     print(f"make_shards: {len(refs)} rows -> {count} shards of <= {shard_size} ({len(done)} already written)",
           file=sys.stderr)
-    bar = _progress(count, len(done))
+    bar = tqdm(total=count, initial=len(done), unit="shard", file=sys.stderr, dynamic_ncols=True)
     if workers == 1 or len(todo) <= 1:
         results = map(_write_shard, todo)
     else:
@@ -172,13 +165,11 @@ def write_shards(source: Any, out_dir: str, split: str = "train", shard_size: in
         results = pool.imap_unordered(_write_shard, todo)
     for sidecar in results:
         done[sidecar["file"]] = sidecar
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
     if workers > 1 and len(todo) > 1:
         pool.close()
         pool.join()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return _write_manifest(out, split, [done[job[4]] for job in jobs], len(refs), class_names)
 
 
