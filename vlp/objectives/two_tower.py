@@ -42,7 +42,8 @@ def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, ma
                          f"{tokenizer.vocab_size} or leave it unset")
     return dict(vocab_size=vocab_size, max_len=max_len, width=text.width, depth=text.depth,
                 mlp_dim=text.mlp_dim, num_heads=text.num_heads, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                causal=text.causal, pool=text.pool, remat=text.remat, activation=model.activation,
+                causal=text.causal, padding_mask=text.padding_mask, pool=text.pool, remat=text.remat,
+                activation=model.activation,
                 ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
 
 
