@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from flax import traverse_util
 
 from vlp import config as vlp_config
@@ -38,26 +38,42 @@ def small(arg: str = "", **updates) -> object:
     return config
 
 
+def random_param(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    noise = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    if name.endswith("/scale"):  # LayerNorm
+        return 1.0 + 0.2 * noise
+    if name.endswith("/kernel") or name.endswith("/embedding"):
+        in_axes = 3 if "patch_embed" in name else 2 if name.endswith("out/kernel") else 1
+        return (noise / np.sqrt(np.prod(shape[:in_axes]))).astype(np.float32)
+    return 0.2 * noise
+
+
 class Model:
     """A vlp objective with randomised params (every leaf: LayerNorm scales and biases, logit scale/bias too)."""
 
     def __init__(self, config, seed: int = 0):
         self.config = config
         self.objective = get_objective(config.objective)(config)
-        params = strip_boxes(self.objective.init(jax.random.key(seed)))
-        leaves, treedef = jax.tree.flatten(params)
+        shapes = traverse_util.flatten_dict(strip_boxes(jax.eval_shape(self.objective.init, jax.random.key(0))),
+                                            sep="/")
         rng = np.random.default_rng(seed)
-        noisy = [np.asarray(x) + rng.normal(0, 0.2, np.shape(x)).astype(np.float32) for x in leaves]
-        self.params = jax.tree.unflatten(treedef, noisy)
+        # Random values of every param at a scale that keeps activations O(1) (no init compile needed).
+        self.params = traverse_util.unflatten_dict(
+            {k: random_param(rng, k, tuple(v.shape)) for k, v in sorted(shapes.items())}, sep="/")
         self.flat = traverse_util.flatten_dict(self.params, sep="/")
         self.spec = ModelSpec.from_model(self.objective.model, config.data.image_size)
 
     def embed(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return (np.asarray(self.objective.encode_image(self.params, images)),
-                np.asarray(self.objective.encode_text(self.params, tokens)))
+        return embed(self.objective, self.params, images, tokens)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.flat.items()}
+
+
+def embed(objective, params, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """vlp's L2-normalised image and text embeddings, [B, D] each (one jitted call)."""
+    fn = jax.jit(lambda p, i, t: (objective.encode_image(p, i), objective.encode_text(p, t)))
+    return tuple(np.asarray(x) for x in fn(params, images, tokens))
 
 
 def inputs(spec: ModelSpec, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +187,7 @@ def test_a_random_hf_clipmodel_saved_to_disk_imports_with_equal_embeddings(tmp_p
     params = load_init_params(config, exp.objective, exp.abstract_state.params)
     spec = ModelSpec.from_model(exp.objective.model, config.data.image_size)
     images, tokens = inputs(spec)
-    got_image = np.asarray(exp.objective.encode_image(params, images))
-    got_text = np.asarray(exp.objective.encode_text(params, tokens))
+    got_image, got_text = embed(exp.objective, params, images, tokens)
     want_image, want_text = torch_embeddings(hf, images, tokens, "hf")
     assert np.abs(got_image - want_image).max() < ATOL
     assert np.abs(got_text - want_text).max() < ATOL
@@ -205,3 +220,34 @@ def test_a_wrong_shape_names_the_parameter_and_both_shapes(clip_model, tmp_path)
     with pytest.raises(MappingError, match=r"parameter text_model.embeddings.position_embedding.weight: expected "
                                            r"shape \(16, 32\).*found \(8, 32\)"):
         load_flat_params("hf", out, clip_model.spec, expected)
+
+
+def run_tool(name: str, argv: list[str]):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_export_and_import_tools_round_trip_a_run(tmp_path, capsys):
+    from vlp.train.checkpoint import Checkpointer
+    from vlp.train.trainer import build_experiment
+    from vlp.train.workdir import prepare_workdir, write_run_files
+
+    workdir, config = prepare_workdir(tmp_path / "run"), tiny_config()
+    exp = build_experiment(config)  # a run's workdir at step 0, without the cost of training it
+    write_run_files(workdir, config)
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
+    state = exp.init_state()
+    checkpointer.save(0, state, None, force=True)
+    checkpointer.close()
+    run_tool("export", [f"--workdir={workdir}", "--format=hf", f"--out={tmp_path / 'hf'}"])
+    assert (tmp_path / "hf" / "spiece.model").is_file() and (tmp_path / "hf" / "TOKENIZER.md").is_file()
+    run_tool("import", ["--format=hf", f"--path={tmp_path / 'hf'}", f"--out={tmp_path / 'back'}"])
+    assert "--config.init_from.format=safetensors" in capsys.readouterr().out
+    back = load_flat_params("safetensors", tmp_path / "back", None,
+                            {k: v.shape for k, v in traverse_util.flatten_dict(state.params, sep="/").items()})
+    for name, value in traverse_util.flatten_dict(state.params, sep="/").items():
+        np.testing.assert_array_equal(back[name], np.asarray(value), err_msg=name)

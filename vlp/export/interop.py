@@ -9,7 +9,6 @@ preprocessor_config.json; an open_clip folder holds open_clip_config.json and op
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,8 +34,10 @@ def hf_module(spec: ModelSpec) -> Any:
 
 
 def write_hf(flat_params: Mapping[str, np.ndarray], spec: ModelSpec, out_dir: str | Path,
-             tokenizer_model: str | Path | None = None, max_text_len: int | None = None) -> Path:
-    """Writes a transformers CLIPModel or SiglipModel folder; raises ExportError if the model does not fit."""
+             tokenizer_model: bytes | None = None, max_text_len: int | None = None) -> Path:
+    """Writes a transformers CLIPModel or SiglipModel folder; raises ExportError if the model does not fit.
+
+    `tokenizer_model`: the serialized sentencepiece model the run used (written as spiece.model)."""
     module = hf_module(spec)
     module.check_exportable(spec)
     state_dict = mapping.to_state_dict(module.rules(spec), flat_params)
@@ -54,12 +55,12 @@ def write_hf(flat_params: Mapping[str, np.ndarray], spec: ModelSpec, out_dir: st
         **({"processor_class": "SiglipProcessor"} if is_siglip else {}),
     }, indent=2))
     if tokenizer_model is not None:
-        _write_tokenizer(out, Path(tokenizer_model), spec, max_text_len or spec.text["max_len"], is_siglip)
+        _write_tokenizer(out, tokenizer_model, spec, max_text_len or spec.text["max_len"], is_siglip)
     return out
 
 
-def _write_tokenizer(out: Path, model_file: Path, spec: ModelSpec, max_len: int, is_siglip: bool) -> None:
-    shutil.copyfile(model_file, out / "spiece.model")
+def _write_tokenizer(out: Path, model_proto: bytes, spec: ModelSpec, max_len: int, is_siglip: bool) -> None:
+    (out / "spiece.model").write_bytes(model_proto)
     text = spec.text
     (out / "TOKENIZER.md").write_text(TOKENIZER_NOTE.format(eos=text["eos_id"], pad=text["pad_id"], max_len=max_len,
                                                             trunc=max_len - 1))

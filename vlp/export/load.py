@@ -45,13 +45,22 @@ def load_flat_params(fmt: str, path: str | Path, spec: ModelSpec | None,
     if spec is None:
         raise ExportError(f"format {fmt!r} maps onto two-tower models (CLIP, SigLIP, ALIGN) only")
     if fmt == "hf":
-        _, state, module = interop.read_hf(path)
+        config, state, module = interop.read_hf(path)
+        _check_eos(config.get("text_config", {}).get("eos_token_id"), spec, str(path))
     elif fmt == "open_clip":
         _, state = interop.read_open_clip(path)
         module = open_clip
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {FORMATS}")
     return interop.params_from_state_dict(module, spec, state, expected)
+
+
+def _check_eos(checkpoint_eos: int | None, spec: ModelSpec, where: str) -> None:
+    """An end-of-text-pooled tower must pool where the checkpoint was trained to: at its tokenizer's eos id."""
+    if spec.text["pool"] == "eot" and checkpoint_eos is not None and checkpoint_eos != spec.text["eos_id"]:
+        raise ExportError(f"{where} pools text at end-of-text id {checkpoint_eos}, but the run's tokenizer ends "
+                          f"text with id {spec.text['eos_id']}; set data.tokenizer to the checkpoint's tokenizer "
+                          "(its tokenizer.json or spiece.model)")
 
 
 def _check_flat(flat: dict[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], where: str
