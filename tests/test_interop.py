@@ -251,3 +251,26 @@ def test_export_and_import_tools_round_trip_a_run(tmp_path, capsys):
                             {k: v.shape for k, v in traverse_util.flatten_dict(state.params, sep="/").items()})
     for name, value in traverse_util.flatten_dict(state.params, sep="/").items():
         np.testing.assert_array_equal(back[name], np.asarray(value), err_msg=name)
+
+
+def test_a_hf_tokenizer_json_encodes_as_the_file_says_in_vlps_layout(tmp_path):
+    import pickle
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from vlp.data.tokenizer import load_tokenizer
+
+    words = ["red", "circle", "blue", "square", "left", "a"]
+    vocab = {w: i for i, w in enumerate(words)} | {"<|startoftext|>": 6, "<|endoftext|>": 7, "[UNK]": 8}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])  # marked special, as in CLIP's file
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(  # CLIP's template: <|startoftext|> $A <|endoftext|>
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 6), ("<|endoftext|>", 7)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = pickle.loads(pickle.dumps(load_tokenizer(str(tmp_path / "tokenizer.json"))))  # as grain workers get it
+    assert (hf.vocab_size, hf.eos_id, hf.pad_id) == (9, 7, 7)  # no pad token in the file: pad with eos (CLIP)
+    ids = hf.encode(["red circle", "a blue square left left left"], max_len=6)
+    np.testing.assert_array_equal(ids, [[6, 0, 1, 7, 7, 7], [6, 5, 2, 3, 4, 7]])  # truncated: eos stays last
+    assert ids.dtype == np.int32
+    assert hf.decode(ids[0]) == "red circle"

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
                 tokenizer = getattr(exp.objective.tokenizer, "_model_proto", None)
                 out = interop.write_hf(flatten_params(params), spec, args.out, tokenizer, exp.config.data.max_text_len)
                 weights = out / "model.safetensors"
+                if hasattr(exp.objective.tokenizer, "_json"):  # a Hugging Face tokenizer.json: ship it as is
+                    (out / "tokenizer.json").write_text(exp.objective.tokenizer._json, encoding="utf-8")
             else:
                 out = interop.write_open_clip(flatten_params(params), spec, args.out)
                 weights = out / "open_clip_model.safetensors"

@@ -207,11 +207,11 @@ def check_workdir_shared(workdir: str, process_id: int, num_processes: int) -> R
 def check_data(config: Any) -> list[Row]:
     """The tokenizer loads; the training source opens and its first record reads; path-like data keys exist."""
     from vlp.data import sources
-    from vlp.data.tokenizer import Tokenizer
+    from vlp.data.tokenizer import load_tokenizer
 
     rows = []
     try:
-        tokenizer = Tokenizer(config.data.tokenizer or None)
+        tokenizer = load_tokenizer(config.data.tokenizer or None)
         rows.append(Row("tokenizer", config.data.tokenizer or "bundled shapes tokenizer", "ok",
                         f"vocab {tokenizer.vocab_size}"))
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding

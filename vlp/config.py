@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
         synthetic_caption_prob=0.5,  # with "both": how often the synthetic caption is the one trained on
         max_text_len=16,
-        tokenizer="",  # path to a sentencepiece model; "" = the bundled shapes tokenizer
+        tokenizer="",  # a sentencepiece .model or a Hugging Face tokenizer.json; "" = the bundled shapes tokenizer
         worker_count=0,  # grain worker processes (0 = in the training process)
         read_threads=4,
     )
@@ -245,7 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"model.activation={config.model.activation!r}; valid: {sorted(layers.ACTIVATIONS)}")
     _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
            f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
-           "tools/train_tokenizer.py) or '' for the bundled shapes tokenizer")
+           "tools/train_tokenizer.py), a Hugging Face tokenizer.json, or '' for the bundled shapes tokenizer")
     splits = sources.split_names(config.data.source)
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlp.data.tokenizer import Tokenizer
+from vlp.data.tokenizer import Tokenizer, load_tokenizer
 from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
@@ -74,7 +74,7 @@ class TwoTowerObjective(Objective):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.tokenizer = Tokenizer(config.data.tokenizer or None)
+        self.tokenizer = load_tokenizer(config.data.tokenizer or None)
         self.model = build_two_tower(config, self.tokenizer)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
