@@ -274,3 +274,16 @@ def test_a_hf_tokenizer_json_encodes_as_the_file_says_in_vlps_layout(tmp_path):
     np.testing.assert_array_equal(ids, [[6, 0, 1, 7, 7, 7], [6, 5, 2, 3, 4, 7]])  # truncated: eos stays last
     assert ids.dtype == np.int32
     assert hf.decode(ids[0]) == "red circle"
+
+
+def test_init_from_a_checkpoint_of_another_architecture_names_the_keys(clip_model, tmp_path):
+    from vlp.train.init_from import check_config_matches
+
+    out = interop.write_hf(clip_model.flat, clip_model.spec, tmp_path / "hf")
+    with pytest.raises(ExportError, match=r"model.image.pool='map' \(checkpoint: 'cls'\).*model.ln_eps=1e-06 "
+                                          r"\(checkpoint: 1e-05\)"):
+        check_config_matches(vlp_config.load_config_file("configs/siglip.py:tiny"), "hf", str(out))
+    config = tiny_config(**{"init_from.format": "onnx"})
+    with pytest.raises(ValueError, match=r"init_from.format='onnx'; valid: \('vlp', 'safetensors', 'hf', "
+                                         r"'open_clip'\)"):
+        vlp_config.validate(config)
