@@ -287,3 +287,25 @@ def test_init_from_a_checkpoint_of_another_architecture_names_the_keys(clip_mode
     with pytest.raises(ValueError, match=r"init_from.format='onnx'; valid: \('vlp', 'safetensors', 'hf', "
                                          r"'open_clip'\)"):
         vlp_config.validate(config)
+
+
+def test_a_random_open_clip_state_dict_file_imports_with_equal_embeddings(clip_model, tmp_path):
+    import shutil
+
+    exported = interop.write_open_clip(clip_model.flat, clip_model.spec, tmp_path / "oc")
+    torch.manual_seed(0)
+    oc = open_clip.create_model(f"local-dir:{exported}", load_weights=False)  # open_clip's own random init
+    with torch.no_grad():
+        for p in oc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / "native"
+    folder.mkdir()
+    shutil.copy(exported / "open_clip_config.json", folder)
+    torch.save(oc.state_dict(), folder / "open_clip_pytorch_model.bin")  # a torch pickle, as open_clip saves
+    flat = load_flat_params("open_clip", folder / "open_clip_pytorch_model.bin", clip_model.spec,
+                            clip_model.expected_shapes())
+    images, tokens = inputs(clip_model.spec)
+    got_image, got_text = embed(clip_model.objective, traverse_util.unflatten_dict(flat, sep="/"), images, tokens)
+    want_image, want_text = torch_embeddings(oc, images, tokens, "open_clip")
+    assert np.abs(got_image - want_image).max() < ATOL
+    assert np.abs(got_text - want_text).max() < ATOL
