@@ -193,8 +193,10 @@ def test_a_random_hf_clipmodel_saved_to_disk_imports_with_equal_embeddings(tmp_p
     assert np.abs(got_text - want_text).max() < ATOL
 
 
-def test_the_tiny_configs_are_exportable():
-    for arg, module in (("configs/clip.py:tiny", "hf_clip"), ("configs/siglip.py:tiny", "hf_siglip")):
+def test_the_clip_and_siglip_configs_are_exportable():
+    for arg, module in (("configs/clip.py:tiny", "hf_clip"), ("configs/clip.py:B/16", "hf_clip"),
+                        ("configs/siglip.py:tiny", "hf_siglip"), ("configs/siglip.py:B/16", "hf_siglip"),
+                        ("configs/siglip.py:So400m/14", "hf_siglip")):
         config = vlp_config.load_config_file(arg)
         objective = get_objective(config.objective)(config)
         spec = ModelSpec.from_model(objective.model, config.data.image_size)
