@@ -311,3 +311,14 @@ def test_a_random_open_clip_state_dict_file_imports_with_equal_embeddings(clip_m
     want_image, want_text = torch_embeddings(oc, images, tokens, "open_clip")
     assert np.abs(got_image - want_image).max() < ATOL
     assert np.abs(got_text - want_text).max() < ATOL
+
+
+def test_a_legacy_hf_clip_config_pooling_at_argmax_imports(clip_model, tmp_path):
+    import json
+
+    out = interop.write_hf(clip_model.flat, clip_model.spec, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 2  # as OpenAI's CLIP configs: HF pools at argmax(input_ids)
+    (out / "config.json").write_text(json.dumps(config))
+    assert_parity(clip_model, transformers.CLIPModel.from_pretrained(out), "hf")  # eos 383 is the highest id
+    assert_round_trip(clip_model, "hf", out)

@@ -2,7 +2,8 @@
 
 CLIPModel's fixed choices (checked against transformers 5.24): one CLS token pooled after `post_layernorm`,
 `pre_layrnorm` always applied, a patch embedding without bias, separate q/k/v projections, a causal text tower
-pooled at the first `eos_token_id` (argmax of the ids only when `eos_token_id == 2`, a legacy case refused here),
+pooled at the first `eos_token_id` (at the argmax of the ids when `eos_token_id == 2`: legacy configs such as
+OpenAI's, which import when the tokenizer's eos is its highest id, so that both pick the same token),
 bias-free projections, `logit_scale` in log space and no logit bias. One `hidden_act` and `layer_norm_eps` per
 tower; vlp shares them between towers, so both get the same.
 """
@@ -80,9 +81,6 @@ def config_overrides(hf: dict[str, Any]) -> dict[str, Any]:
     act = text.get("hidden_act", "quick_gelu")
     if act not in HF_TO_ACT:
         raise ExportError(f"CLIPModel hidden_act={act!r} has no vlp equivalent; valid: {sorted(HF_TO_ACT)}")
-    if text.get("eos_token_id") == 2:
-        raise ExportError("CLIPModel eos_token_id=2 is the legacy argmax-pooling config; set text_config."
-                          "eos_token_id to the real end-of-text id")
     return {
         "objective": "clip",
         "data.image_size": vision["image_size"], "data.max_text_len": text["max_position_embeddings"],

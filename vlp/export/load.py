@@ -57,7 +57,15 @@ def load_flat_params(fmt: str, path: str | Path, spec: ModelSpec | None,
 
 def _check_eos(checkpoint_eos: int | None, spec: ModelSpec, where: str) -> None:
     """An end-of-text-pooled tower must pool where the checkpoint was trained to: at its tokenizer's eos id."""
-    if spec.text["pool"] == "eot" and checkpoint_eos is not None and checkpoint_eos != spec.text["eos_id"]:
+    if spec.text["pool"] != "eot" or checkpoint_eos is None:
+        return
+    if checkpoint_eos == 2:  # legacy CLIPModel config: pools at argmax(ids), the first eos iff eos is the top id
+        if spec.text["eos_id"] != spec.text["vocab_size"] - 1:
+            raise ExportError(f"{where} is a legacy CLIPModel config (eos_token_id=2: text pooled at the highest "
+                              f"id), but the run's tokenizer's eos id {spec.text['eos_id']} is not its highest id "
+                              f"({spec.text['vocab_size'] - 1}); set data.tokenizer to the checkpoint's tokenizer")
+        return
+    if checkpoint_eos != spec.text["eos_id"]:
         raise ExportError(f"{where} pools text at end-of-text id {checkpoint_eos}, but the run's tokenizer ends "
                           f"text with id {spec.text['eos_id']}; set data.tokenizer to the checkpoint's tokenizer "
                           "(its tokenizer.json or spiece.model)")
