@@ -9,7 +9,7 @@ DEMO_CONFIG ?= configs/clip.py:tiny
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,interop]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,5 +1,6 @@
 """SigLIP (Zhai et al., 2023): pairwise sigmoid loss, learnable scale t = exp(t') (t' init log 10) and bias b
-(init -10); MAP-head image pooling, bidirectional text tower pooled at the last position, LayerNorm eps 1e-6.
+(init -10); MAP-head image pooling, bidirectional text tower pooled at the last position, LayerNorm eps 1e-6;
+no image projection and no text padding mask, as Hugging Face's SiglipModel (so the weights export there).
 
 Variants: `tiny` (CPU run on the embedded shapes dataset, the CLIP demo's towers), `B/16` and `So400m/14`
 (cluster recipes after big_vision's SigLIP: 32k global batch, Adam b2 0.95, lr 1e-3, wd 1e-4, `ring` loss so the
@@ -23,7 +24,12 @@ def get_config(arg: str | None = None):
     c.model.ln_eps = 1e-6
     c.model.activation = "gelu_tanh"
     c.model.image.update(pool="map", ln_pre=False, patch_bias=True)
-    c.model.text.update(causal=False, pool="last")
+    # Hugging Face SiglipModel's fixed choices, so every variant exports (tools/export.py --format=hf): no image
+    # projection (the image embedding is the MAP head output: embed_dim = the vision width), a text head with a
+    # bias, and no text padding mask (the text tower attends to padding; pooling reads the last position).
+    c.model.text.update(causal=False, pool="last", padding_mask=False)
+    c.model.image_projection = False
+    c.model.projection_bias = True
     if variant != "tiny":  # tiny keeps the CLIP demo's optimizer (b2 0.95, wd 1e-4 gave 0.694 vs 0.720 top-1)
         c.model.image.variant = variant
         width = 768 if variant == "B/16" else 1152

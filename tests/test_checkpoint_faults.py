@@ -75,14 +75,14 @@ def test_resume_onto_another_mesh_continues_the_run(tmp_path, one_device_run):
 
 def test_init_from_loads_params_only_onto_a_new_mesh(tmp_path, one_device_run):
     _, _, trained = restore_run(one_device_run)
-    config = tiny_config(**{"init_from": str(one_device_run), "mesh.shape": "(1, 8, 1)", "mesh.num_devices": -1})
+    config = tiny_config(**{"init_from.path": str(one_device_run), "mesh.shape": "(1, 8, 1)", "mesh.num_devices": -1})
     exp = build_experiment(config)
-    step, params = restore_params(config.init_from, exp.abstract_state.params)
+    step, params = restore_params(config.init_from.path, exp.abstract_state.params)
     assert step == 8
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))  # resharded (FSDP)
-    final = train_and_evaluate(tiny_config(**{"init_from": str(one_device_run), "total_steps": 3,
+    final = train_and_evaluate(tiny_config(**{"init_from.path": str(one_device_run), "total_steps": 3,
                                               "optim.warmup_steps": 1, "evals.zeroshot.num_examples": 32,
                                               "evals.retrieval.num_examples": 32}), tmp_path)
     assert final["resumed_from_step"] == 0  # a new run: step 0, fresh optimizer state
@@ -92,8 +92,8 @@ def test_init_from_loads_params_only_onto_a_new_mesh(tmp_path, one_device_run):
 
 
 def test_init_from_a_missing_directory_fails_at_start(tmp_path):
-    with pytest.raises(ValueError, match=r"init_from='.*nothing' is not a directory"):
-        build_experiment(tiny_config(**{"init_from": str(tmp_path / "nothing")}))
+    with pytest.raises(ValueError, match=r"init_from.path='.*nothing' is not a directory"):
+        build_experiment(tiny_config(**{"init_from.path": str(tmp_path / "nothing")}))
 
 
 def test_another_process_count_is_a_clear_error_not_a_corrupt_checkpoint(tmp_path, one_device_run):
@@ -105,6 +105,6 @@ def test_another_process_count_is_a_clear_error_not_a_corrupt_checkpoint(tmp_pat
     for rank in range(2):  # as if 2 processes had written it
         shutil.copy(state_file, step_dir / "data" / f"process_{rank}-of-2.json")
     state_file.unlink()
-    with pytest.raises(RuntimeError, match=r"written by 2 process\(es\) and this run has 1.*init_from="):
+    with pytest.raises(RuntimeError, match=r"written by 2 process\(es\) and this run has 1.*init_from.path="):
         train_and_evaluate(small(), tmp_path)
     assert step_dir.is_dir() and not (tmp_path / "checkpoints" / "4.corrupt").exists()

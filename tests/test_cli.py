@@ -105,8 +105,9 @@ def test_train_kill_resume_eval_export_plot(tmp_path):
     assert open(bars, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("tool", ["tools/eval.py", "tools/embed.py", "tools/export.py", "tools/plot_metrics.py",
-                                  "benchmarks/train_step.py", "benchmarks/loss_memory.py"])
+@pytest.mark.parametrize("tool", ["tools/eval.py", "tools/embed.py", "tools/export.py", "tools/import.py",
+                                  "tools/plot_metrics.py", "benchmarks/train_step.py", "benchmarks/loss_memory.py",
+                                  "benchmarks/data.py"])
 def test_tools_have_help(tool):
     out = run([sys.executable, tool, "--help"])
     assert "usage:" in out

@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Export a run's params.
+"""Export a run's params for use elsewhere.
 
   python tools/export.py --workdir=runs/x --format=safetensors --out=exported/x [--step=N]
+  python tools/export.py --workdir=runs/x --format=hf --out=exported/x_hf
+  python tools/export.py --workdir=runs/x --format=open_clip --out=exported/x_open_clip
 
 `safetensors`: <out>/model.safetensors (flat `/`-joined parameter names, fp32) and <out>/model_config.json
-(objective, model options, tokenizer ids, image size, source step). Hugging Face and open_clip formats are
-added by the interop module.
+(objective, model options, tokenizer ids, image size, source step); `init_from.format=safetensors` reads it.
+`hf`: a transformers folder: CLIPModel (CLS-pooled, causal text: configs/clip.py) or SiglipModel (MAP-pooled:
+configs/siglip.py), with config.json, model.safetensors, preprocessor_config.json, and the run's sentencepiece
+tokenizer as spiece.model (see TOKENIZER.md there: it is not the CLIP BPE tokenizer).
+`open_clip`: open_clip_config.json + open_clip_model.safetensors, for open_clip.create_model("local-dir:<out>").
+A model using an option the target cannot represent is refused with the option named.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_config_args, quiet_library_logs, resolve_config  # noqa: E402
 
-FORMATS = ("safetensors",)
+FORMATS = ("safetensors", "hf", "open_clip")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -35,15 +41,36 @@ def main(argv: list[str] | None = None) -> Path:
 
     import jax
 
-    from vlp.export.safetensors_io import save_safetensors
+    from vlp.export import interop
+    from vlp.export.common import ExportError, ModelSpec
+    from vlp.export.safetensors_io import flatten_params, save_safetensors
     from vlp.train.restore import restore_run
 
     exp, step, state = restore_run(args.workdir, config=resolve_config(args), step=args.step)
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
-    model_config = dict(exp.objective.model_config(), step=step, source_workdir=str(Path(args.workdir).absolute()))
-    weights, config_path = save_safetensors(params, model_config, args.out)
     count = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
-    print(json.dumps({"weights": str(weights), "config": str(config_path), "step": step, "parameters": count}))
+    if args.format == "safetensors":
+        model_config = dict(exp.objective.model_config(), step=step, source_workdir=str(Path(args.workdir).absolute()))
+        weights, _ = save_safetensors(params, model_config, args.out)
+    else:
+        model = getattr(exp.objective, "model", None)
+        if not hasattr(model, "image_projection"):
+            raise SystemExit(f"--format={args.format} exports two-tower models (clip, siglip, align); objective "
+                             f"{exp.config.objective!r} is not one; use --format=safetensors")
+        spec = ModelSpec.from_model(model, exp.config.data.image_size)
+        try:
+            if args.format == "hf":
+                tokenizer = getattr(exp.objective.tokenizer, "_model_proto", None)
+                out = interop.write_hf(flatten_params(params), spec, args.out, tokenizer, exp.config.data.max_text_len)
+                weights = out / "model.safetensors"
+                if hasattr(exp.objective.tokenizer, "_json"):  # a Hugging Face tokenizer.json: ship it as is
+                    (out / "tokenizer.json").write_text(exp.objective.tokenizer._json, encoding="utf-8")
+            else:
+                out = interop.write_open_clip(flatten_params(params), spec, args.out)
+                weights = out / "open_clip_model.safetensors"
+        except ExportError as e:
+            raise SystemExit(f"cannot export {args.workdir} as {args.format}: {e}") from e
+    print(json.dumps({"format": args.format, "weights": str(weights), "step": step, "parameters": count}))
     return weights
 
 

@@ -208,11 +208,11 @@ def check_data(config: Any) -> list[Row]:
     """The tokenizer loads; the training source opens and its first record reads; path-like data keys exist."""
     from vlp import config as vlp_config
     from vlp.data import sources
-    from vlp.data.tokenizer import Tokenizer
+    from vlp.data.tokenizer import load_tokenizer
 
     rows = []
     try:
-        tokenizer = Tokenizer(config.data.tokenizer or None)
+        tokenizer = load_tokenizer(config.data.tokenizer or None)
         rows.append(Row("tokenizer", config.data.tokenizer or "bundled shapes tokenizer", "ok",
                         f"vocab {tokenizer.vocab_size}"))
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding

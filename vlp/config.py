@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
         train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
         synthetic_caption_prob=0.5,  # with "both": how often the synthetic caption is the one trained on
         max_text_len=16,
-        tokenizer="",  # path to a sentencepiece model; "" = the bundled shapes tokenizer
+        tokenizer="",  # a sentencepiece .model or a Hugging Face tokenizer.json; "" = the bundled shapes tokenizer
         worker_count=0,  # grain worker processes (0 = in the training process)
         read_threads=4,
     )
@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         ),
         text=dict(
             width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot", remat=False,
+            padding_mask=True,  # bidirectional towers: mask padding keys (False: Hugging Face SigLIP, which has none)
             # Rows of the token embedding table; unset = the tokenizer's vocab size. Set (>= the tokenizer's) to
             # benchmark a realistic table with the small bundled tokenizer (which never produces the extra ids).
             vocab_size=config_dict.placeholder(int),
@@ -94,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.nan_policy = "stop"
     c.on_checkpoint_error = "stop"  # a checkpoint that cannot be written (full disk): stop | continue (retry later)
     c.on_unrestorable_checkpoint = "stop"  # every checkpoint in the workdir is unreadable: stop | fresh_start
-    c.init_from = ""  # a vlp workdir (or its checkpoints/) whose newest params start a fresh run (fine-tuning)
+    # Params that start a fresh run (fine-tuning, LiT): format vlp (a workdir or its checkpoints/; its newest
+    # params), safetensors (vlp's export), hf (a CLIPModel / SiglipModel folder) or open_clip (a state dict file).
+    c.init_from = dict(format="vlp", path="")
 
     c.log_every = 50
     c.eval_every = 500
@@ -204,6 +207,25 @@ def _check_data_sources(data: ml_collections.ConfigDict) -> None:
            f"data.random_crop_scale={scale} must be (low, high) with 0 < low <= high <= 1")
 
 
+INIT_FROM_FORMATS = ("vlp", "safetensors", "hf", "open_clip")
+
+
+def _check_init_from(init_from: ml_collections.ConfigDict) -> None:
+    fmt, path = init_from.format, init_from.path
+    _check(fmt in INIT_FROM_FORMATS, f"init_from.format={fmt!r}; valid: {INIT_FROM_FORMATS}")
+    if not path:
+        return
+    if fmt == "vlp":
+        _check(Path(path).is_dir(), f"init_from.path={path!r} is not a directory; give a vlp workdir (or its "
+                                    "checkpoints/)")
+    elif fmt == "open_clip":
+        _check(Path(path).exists(), f"init_from.path={path!r} does not exist; give an open_clip state dict file "
+                                    "(.pt/.bin/.safetensors) or the folder tools/export.py --format=open_clip wrote")
+    else:
+        _check(Path(path).exists(), f"init_from.path={path!r} does not exist; give the folder (or "
+                                    f"model.safetensors) that tools/export.py --format={fmt} wrote")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that do not depend on the devices (the trainer checks mesh and batch divisibility)."""
     from vlp.data import sources
@@ -246,8 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"on_checkpoint_error={config.on_checkpoint_error!r}; valid: {ON_CHECKPOINT_ERROR}")
     _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
            f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
-    _check(not config.init_from or Path(config.init_from).is_dir(),
-           f"init_from={config.init_from!r} is not a directory; give a vlp workdir (or its checkpoints/)")
+    _check_init_from(config.init_from)
     image = config.model.image
     patch_size = image.patch_size
     if image.variant:
@@ -268,7 +289,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"model.activation={config.model.activation!r}; valid: {sorted(layers.ACTIVATIONS)}")
     _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
            f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
-           "tools/train_tokenizer.py) or '' for the bundled shapes tokenizer")
+           "tools/train_tokenizer.py), a Hugging Face tokenizer.json, or '' for the bundled shapes tokenizer")
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")
         _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
@@ -315,6 +336,8 @@ def _match_types(template: Any, value: Any) -> Any:
 
 def _update_locked(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
+        if not prefix and key == "init_from" and isinstance(value, str):  # configs saved before init_from.format
+            value = {"format": "vlp", "path": value}
         if key not in config:
             raise KeyError(f"unknown config key {prefix + key!r} in the saved config; valid: {sorted(config.keys())}")
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):

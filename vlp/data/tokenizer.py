@@ -139,3 +139,13 @@ def build_shapes_tokenizer(out_dir: str | Path, num_examples: int = SHAPES_TRAIN
     texts = sources.all_captions("shapes", "train", num_examples)
     return train_sentencepiece(texts, str(Path(out_dir) / Path(BUNDLED_MODEL).stem), vocab_size,
                                model_type="bpe", character_coverage=1.0)
+
+
+def load_tokenizer(path: str | None = None):
+    """`Tokenizer` for a sentencepiece .model (or None: the bundled one); `HFTokenizer` for a Hugging Face
+    tokenizer.json. Both encode a batch to int32 [N, max_len] the same way and pickle for grain workers."""
+    if path and str(path).endswith(".json"):
+        from vlp.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return Tokenizer(path)

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
     """{"image": {"patch_embed": {"kernel": a}}} -> {"image/patch_embed/kernel": a} (numpy, contiguous)."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
+    return {k: np.array(v, order="C") for k, v in flat.items()}  # (ascontiguousarray makes scalars 1-d)
 
 
 def unflatten_params(flat: dict[str, np.ndarray]) -> dict:

@@ -34,7 +34,8 @@ class TextTransformer(nn.Module):
     """tokens [B, L] int32 -> (pooled [B, width], token features [B, L, width]).
 
     `causal=True` is CLIP's text encoder (each position sees only earlier ones, so padding after the eot token
-    never reaches the pooled feature); `causal=False` is bidirectional with a padding mask.
+    never reaches the pooled feature); `causal=False` is bidirectional, with a padding mask unless
+    `padding_mask=False` (Hugging Face SigLIP attends to the padding too, and its weights were trained so).
     """
 
     vocab_size: int
@@ -46,6 +47,7 @@ class TextTransformer(nn.Module):
     eos_id: int
     pad_id: int = 0
     causal: bool = True
+    padding_mask: bool = True
     pool: str = "eot"
     activation: str = "gelu"
     ln_eps: float = 1e-5
@@ -68,7 +70,7 @@ class TextTransformer(nn.Module):
         table = layers.constrain(embed.embedding.astype(self.dtype), (None, None))
         x = jnp.take(table, tokens, axis=0) + pos[:length].astype(self.dtype)[None]
         mask = None
-        if not self.causal:
+        if not self.causal and self.padding_mask:
             mask = (tokens != self.pad_id)[:, None, None, :]
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
                            self.remat, self.dtype, name="encoder")(x, mask, self.causal)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlp.data.tokenizer import Tokenizer
+from vlp.data.tokenizer import Tokenizer, load_tokenizer
 from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
@@ -42,7 +42,8 @@ def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, ma
                          f"{tokenizer.vocab_size} or leave it unset")
     return dict(vocab_size=vocab_size, max_len=max_len, width=text.width, depth=text.depth,
                 mlp_dim=text.mlp_dim, num_heads=text.num_heads, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                causal=text.causal, pool=text.pool, remat=text.remat, activation=model.activation,
+                causal=text.causal, padding_mask=text.padding_mask, pool=text.pool, remat=text.remat,
+                activation=model.activation,
                 ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
 
 
@@ -73,7 +74,7 @@ class TwoTowerObjective(Objective):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.tokenizer = Tokenizer(config.data.tokenizer or None)
+        self.tokenizer = load_tokenizer(config.data.tokenizer or None)
         self.model = build_two_tower(config, self.tokenizer)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:

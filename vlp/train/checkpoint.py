@@ -103,7 +103,7 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} was written by {counts.pop()} process(es) and this run "
                 f"has {jax.process_count()}: the data iterator positions are per process, so the exact data order "
                 f"cannot continue. Resume with the same process count (the device count and mesh may differ), or "
-                f"start a new run from these params with init_from={str(self.directory.parent)!r}")
+                f"start a new run from these params with init_from.path={str(self.directory.parent)!r}")
 
     def _quarantine(self, steps: list[int]) -> None:
         if not steps or jax.process_index() != 0:

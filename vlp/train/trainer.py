@@ -28,6 +28,7 @@ from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
 from vlp.train import accumulation, evaluation
 from vlp.train.checkpoint import Checkpointer, CheckpointWriteError
+from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
 from vlp.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
@@ -211,10 +212,14 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
             say("no checkpoint in the workdir can be restored; starting afresh (on_unrestorable_checkpoint="
                 "'fresh_start')")
     state = exp.init_state()
-    if config.init_from:
-        step, params = restore_params(config.init_from, exp.abstract_state.params)
+    source = config.init_from
+    if source.path and source.format == "vlp":
+        step, params = restore_params(source.path, exp.abstract_state.params)
         state = state.replace(params=params)
-        say(f"initialised params from {config.init_from} (step {step}); optimizer state and step start afresh")
+        say(f"initialised params from {source.path} (step {step}); optimizer state and step start afresh")
+    elif source.path:
+        state = state.replace(params=load_init_params(config, exp.objective, exp.abstract_state.params))
+        say(f"initialised params from {source.path} ({source.format}); optimizer state and step start afresh")
     return 0, state
 
 
