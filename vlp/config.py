@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
+        # Regexes over '/'-joined param paths (full match) that get no updates and no optimizer state, e.g.
+        # ("image/.*",) to lock an image tower loaded with init_from (LiT).
+        freeze=(),
     )
 
     # steps > 1: one optimizer step over `steps` micro-batches of batch_size / steps. gradcache keeps every
@@ -244,6 +248,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= config.optim.warmup_steps < config.total_steps,
            f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, total_steps={config.total_steps})")
     _check(config.optim.weight_decay >= 0, f"optim.weight_decay={config.optim.weight_decay} must be >= 0")
+    for pattern in config.optim.freeze:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"invalid config: optim.freeze entry {pattern!r} is not a regular expression ({e}); "
+                             "valid: e.g. 'image/.*'") from e
     _check(0 <= config.loss.label_smoothing < 1, f"loss.label_smoothing={config.loss.label_smoothing} not in [0, 1)")
     variants = sorted(LOSS_VARIANTS["softmax"])
     _check(config.loss.variant in variants, f"loss.variant={config.loss.variant!r}; valid: {variants}")

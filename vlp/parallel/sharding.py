@@ -69,12 +69,17 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules) -> An
 
     Leaves without logical names are replicated; dimensions a mesh axis does not divide are replicated too.
     """
-    specs = nn.get_partition_spec(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
-    unboxed = strip_boxes(abstract_tree)
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, tuple(leaf.shape), mesh)),
-        mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    # Mapped over the tree's own leaves (not over a tree of specs), so leafless nodes such as optax's MaskedNode
+    # (frozen params under multi_transform) keep their place.
+    def leaf_sharding(leaf: Any) -> Any:
+        if isinstance(leaf, nn.Partitioned) and not hasattr(leaf.value, "shape"):
+            return leaf.value  # a leafless placeholder in a box (MaskedNode): as strip_boxes leaves it
+        if isinstance(leaf, nn.Partitioned):
+            spec = nn.logical_to_mesh_axes(leaf.names, rules)
+            return NamedSharding(mesh, _fit_spec(spec, tuple(leaf.value.shape), mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(leaf_sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

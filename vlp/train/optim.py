@@ -1,7 +1,9 @@
-"""Optimizer from config: AdamW with linear warmup + cosine decay, weight-decay mask, global-norm clipping."""
+"""Optimizer from config: AdamW with linear warmup + cosine decay, weight-decay mask, global-norm clipping, and
+frozen parameters (LiT)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -34,8 +36,34 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def param_path(path: tuple) -> str:
+    """A tree path -> "image/encoder/block_0/attn/qkv/kernel" (dict keys only: nn.Partitioned boxes add none)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def frozen_labels(patterns: tuple[str, ...]):
+    """A label function for optax.multi_transform: "frozen" where a param's path fully matches one of the regexes
+    `patterns`, else "trained". A pattern that matches no parameter is an error naming the top-level names."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def labels(params: Any) -> Any:
+        paths = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for pattern in compiled:
+            if not any(pattern.fullmatch(p) for p in paths):
+                tops = sorted({p.split("/")[0] for p in paths})
+                raise ValueError(f"optim.freeze pattern {pattern.pattern!r} matches no parameter; parameter paths "
+                                 f"look like {paths[0]!r}, top-level names: {tops} (e.g. 'image/.*' freezes the "
+                                 "image tower)")
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if any(p.fullmatch(param_path(path)) for p in compiled) else "trained", params)
+
+    return labels
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                              optax.Schedule]:
+    """AdamW (+ global-norm clipping) on the trained params; params matching `optim.freeze` get zero updates and
+    no optimizer state (LiT: `optim.freeze=("image/.*",)` locks a pretrained image tower loaded with init_from)."""
     if optim.name != "adamw":
         raise ValueError(f"unknown optim.name {optim.name!r}; valid: ['adamw']")
     schedule = learning_rate_schedule(optim, total_steps)
@@ -44,4 +72,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
+    optimizer = optax.chain(*parts)
+    if optim.freeze:
+        # Frozen grads are left out of the clipping norm too: the trained branch sees only its own params.
+        optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                          frozen_labels(tuple(optim.freeze)))
+    return optimizer, schedule
