@@ -7,12 +7,9 @@ Evaluated with the dense probe (no text tower). Usage: `--config=configs/mae.py:
 """
 
 from vlp import config as vlp_config
+from vlp.eval.dense import default_eval
 
 VARIANTS = ("tiny", "B/16", "L/14")
-
-
-def dense_eval() -> dict:
-    return dict(type="dense", split="validation", num_examples=500, train_examples=2000, batch_size=500)
 
 
 def get_config(arg: str | None = None):
@@ -21,7 +18,7 @@ def get_config(arg: str | None = None):
     c.objective = "mae"
     c.mim.update(mask_kind="random", mask_ratio=0.75, masked_image_fraction=1.0, norm_pix=True)
     c.model.image.posemb = "sincos2d"
-    c.evals = dict(dense=dense_eval())
+    c.evals = dict(dense=default_eval())
     if variant == "tiny":
         c.total_steps = 800
         c.batch_size = 128

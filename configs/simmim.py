@@ -8,12 +8,9 @@ Usage: `--config=configs/simmim.py:tiny`.
 """
 
 from vlp import config as vlp_config
+from vlp.eval.dense import default_eval
 
 VARIANTS = ("tiny", "B/16", "L/14")
-
-
-def dense_eval() -> dict:
-    return dict(type="dense", split="validation", num_examples=500, train_examples=2000, batch_size=500)
 
 
 def get_config(arg: str | None = None):
@@ -21,7 +18,7 @@ def get_config(arg: str | None = None):
     c = vlp_config.base_config()
     c.objective = "simmim"
     c.mim.update(mask_kind="block", mask_ratio=0.6, min_block=4)
-    c.evals = dict(dense=dense_eval())
+    c.evals = dict(dense=default_eval())
     if variant == "tiny":
         c.total_steps = 800
         c.batch_size = 128

@@ -11,13 +11,9 @@ Usage: `--config=configs/tips.py:tiny`.
 """
 
 from vlp import config as vlp_config
+from vlp.eval.dense import default_eval
 
 VARIANTS = ("tiny", "B/16", "L/14")
-
-
-def dense_eval() -> dict:
-    """The dense probe every method reports (same settings for all, so mIoU compares across methods)."""
-    return dict(type="dense", split="validation", num_examples=500, train_examples=2000, batch_size=500)
 
 
 def get_config(arg: str | None = None):
@@ -62,6 +58,6 @@ def get_config(arg: str | None = None):
     c.evals.retrieval = dict(c.evals.retrieval.to_dict(), image_output=1, key_suffix="_cls1")
     c.evals.retrieval_cls2 = dict(c.evals.retrieval.to_dict(), image_output=2, key_prefix="retrieval",
                                   key_suffix="_cls2")
-    c.evals.dense = dense_eval()
+    c.evals.dense = default_eval()
     vlp_config.apply_overrides(c, overrides)
     return c

@@ -299,8 +299,10 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
     _check(config.tips.contrastive_view in ("masked", "unmasked"),
            f"tips.contrastive_view={config.tips.contrastive_view!r}; valid: ('masked', 'unmasked')")
     if config.objective == "eva":
-        _check(bool(mim.teacher_workdir), "objective='eva' needs mim.teacher_workdir (a vlp workdir whose image "
-               "tower gives the regression targets, e.g. a clip run)")
+        _check(bool(mim.teacher_workdir) and (Path(mim.teacher_workdir) / "config.json").is_file(),
+               f"objective='eva' needs mim.teacher_workdir (a vlp workdir with config.json and checkpoints whose "
+               f"image tower gives the regression targets, e.g. a configs/clip.py:tiny run); got "
+               f"{mim.teacher_workdir!r}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

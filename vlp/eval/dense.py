@@ -3,7 +3,9 @@
 Classes: background + the 8 shapes of the shapes dataset (a mask value m > 0 is shape (m - 1) % 8; the colour is
 not a spatial property, so the 64 shape x colour classes would mostly measure colour). Each patch's label is the
 majority pixel class inside it. The classifier is closed-form ridge regression on standardised patch tokens to
-one-hot labels (deterministic, one linear solve). A patch's prediction is painted on its pixels, and the mIoU is
+one-hot labels (deterministic, one linear solve), with class-balanced sample weights: ~87% of the patches are
+background, and unweighted least squares then predicts background almost everywhere (on a CLIP tiny checkpoint:
+mIoU 0.14 unweighted vs 0.24 balanced). A patch's prediction is painted on its pixels, and the mIoU is
 the mean over classes of the pixel IoU on the validation images (classes absent from both prediction and ground
 truth are left out).
 """
@@ -17,6 +19,11 @@ from vlp.data.transforms import normalize_image
 from vlp.eval.common import Encoders, Params
 
 NUM_SHAPES = 8
+
+
+def default_eval() -> dict:
+    """The `config.evals` entry every method's configs use (same settings, so mIoU compares across methods)."""
+    return dict(type="dense", split="validation", num_examples=500, train_examples=2000, batch_size=500)
 
 
 def mask_classes(mask: np.ndarray) -> np.ndarray:
@@ -35,12 +42,15 @@ def patch_labels(pixel_classes: np.ndarray, patch_size: int, num_classes: int) -
 
 
 def ridge_fit(features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float) -> tuple:
-    """features [n, D], labels [n] -> (mean, std, weights [D + 1, C]) of a ridge regression to one-hot labels."""
+    """features [n, D], labels [n] -> (mean, std, weights [D + 1, C]): weighted ridge regression to one-hot labels,
+    each sample weighted n / (C * count(its class)), minimising sum_i w_i |x_i W - y_i|^2 + ridge sum(w) |W|^2."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = np.concatenate([(features - mean) / std, np.ones((len(features), 1))], axis=1).astype(np.float64)
     y = np.eye(num_classes)[labels]
-    gram = x.T @ x + ridge * len(x) * np.eye(x.shape[1])
-    return mean, std, np.linalg.solve(gram, x.T @ y)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = (len(labels) / (num_classes * np.maximum(counts, 1.0)))[labels]
+    gram = (x * w[:, None]).T @ x + ridge * w.sum() * np.eye(x.shape[1])
+    return mean, std, np.linalg.solve(gram, (x * w[:, None]).T @ y)
 
 
 def ridge_predict(model: tuple, features: np.ndarray) -> np.ndarray:

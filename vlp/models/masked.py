@@ -19,14 +19,17 @@ def num_cls(image: dict[str, Any]) -> int:
 
 
 class SimMim(nn.Module):
-    """images [B, H, W, 3], mask [B, N] bool -> predicted pixels [B, N, p*p*3] (fp32) for every patch."""
+    """images [B, H, W, 3], mask [B, N] bool -> predicted pixels [B, N, p*p*3] (fp32) for every patch.
+
+    With `out_dim` set the linear head predicts `out_dim` features per patch instead (EVA's regression head)."""
 
     image: dict[str, Any]
+    out_dim: int | None = None
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
         self.image_tower = ViT(**self.image, mask_token=True, dtype=self.dtype, name="image")
-        self.head = PixelHead(self.image["patch_size"] ** 2 * 3, dtype=self.dtype, name="head")
+        self.head = PixelHead(self.out_dim or self.image["patch_size"] ** 2 * 3, dtype=self.dtype, name="head")
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] -> final patch tokens [B, N, width] (no mask)."""
