@@ -57,9 +57,8 @@ def run_step(name, mesh_shape, num_devices, teacher, batch=None, initial=None):
     exp = build_experiment(mim_config(name, **updates))
     if batch is None:
         batch = next(make_train_iterator(exp.config, exp.objective))
-    state = exp.init_state()
-    if initial is not None:  # every mesh starts from the very same values
-        state = jax.device_put(initial, exp.state_shardings)
+    # Every mesh starts from the very same values (and the sharded run skips its own init).
+    state = exp.init_state() if initial is None else jax.device_put(initial, exp.state_shardings)
     step = jit_train_step(exp)
     with exp.context():
         global_batch = sharding.host_to_global(batch, exp.mesh)
