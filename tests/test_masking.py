@@ -3,15 +3,27 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from vlp.data import masking
 from vlp.data.transforms import AddPatchMask, SelectCaption
 
 
 def components(mask):
-    labels, count = ndimage.label(mask)  # 4-connected blocks of masked patches
-    return np.bincount(labels.ravel())[1:] if count else np.zeros(0, int)
+    """Sizes of the 4-connected blocks of masked patches (flood fill)."""
+    seen, sizes = np.zeros_like(mask), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        stack, size = [start], 0
+        seen[start] = True
+        while stack:
+            i, j = stack.pop()
+            size += 1
+            for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+                if 0 <= a < mask.shape[0] and 0 <= b < mask.shape[1] and mask[a, b] and not seen[a, b]:
+                    seen[a, b] = True
+                    stack.append((a, b))
+        sizes.append(size)
+    return np.asarray(sizes, int)
 
 
 @pytest.mark.parametrize("kind", masking.MASK_KINDS)
