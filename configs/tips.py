@@ -4,7 +4,9 @@ self-distillation with an EMA teacher on a masked student view.
 Values the paper leaves open or that methods.md marks [unverified] are choices here: one global crop and no local
 crops; loss weights 1 / 1 / 1 (L = L_txt1 + L_txt2 + L_DINO + L_iBOT); block masks (min 4 patches) on half the
 images at ratio 0.4 (iBOT/DINOv2 spread ratios over [0.1, 0.5]); a fixed EMA momentum (SILC: do not anneal to 1);
-teacher temperature 0.04 -> 0.07 (DINOv2); centre momentum 0.9; student temperature 0.1.
+teacher temperature 0.04 -> 0.07 (DINOv2); centre momentum 0.9; student temperature 0.1; the contrastive terms read
+an unmasked forward pass of the student (`tips.contrastive_view="unmasked"`: on shapes tiny, 800 steps, zero-shot
+0.84 vs 0.45 and dense mIoU 0.26 vs 0.23 for the masked view, at ~1.3x the step cost).
 Variants: `tiny` (CPU, shapes, 32 px; same dims, batch and steps as `configs/clip.py:tiny` for a fair comparison),
 `B/16`, `L/14` (cluster recipes; K = 65536 prototypes as DINOv2).
 Usage: `--config=configs/tips.py:tiny`.
@@ -23,7 +25,7 @@ def get_config(arg: str | None = None):
     c.mim.update(mask_kind="block", mask_ratio=0.4, min_block=4, masked_image_fraction=0.5)
     c.distill.update(student_temp=0.1, teacher_temp_start=0.04, teacher_temp=0.07, center_momentum=0.9,
                      dino_weight=1.0, ibot_weight=1.0)
-    c.tips.update(contrastive_view="masked", contrastive_weight=1.0)
+    c.tips.update(contrastive_view="unmasked", contrastive_weight=1.0)
     if variant == "tiny":
         c.total_steps = 1600
         c.batch_size = 128

@@ -4,8 +4,8 @@ loss = w_c (InfoNCE(CLS 1, noisy caption) + InfoNCE(CLS 2, synthetic caption))
        + w_dino DINO(student CLS 1 | teacher CLS 1) + w_ibot iBOT(student masked patches | teacher patches).
 The student sees the masked image (learned mask token), the EMA teacher (image tower + head) the unmasked one.
 Choices where the paper or repo leave it open (see configs/tips.py): one global crop, no local crops; the DINO head
-is shared by CLS and patch tokens (DINOv2 default); DINO uses CLS 1; the contrastive terms read the masked view by
-default (`tips.contrastive_view`), which saves a forward pass.
+is shared by CLS and patch tokens (DINOv2 default); DINO uses CLS 1; the contrastive terms read an unmasked student
+forward pass (`tips.contrastive_view="unmasked"`, configs/tips.py) or, saving that pass, the masked view.
 """
 
 from __future__ import annotations
