@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # TIPS: CLS token 1 <-> noisy caption, CLS token 2 <-> synthetic caption (two InfoNCE terms, one text tower).
     c.tips = dict(
-        contrastive_view="masked",  # masked: the student's (masked) view; unmasked: one more forward pass
+        contrastive_view="unmasked",  # unmasked: one more student forward pass (better); masked: the iBOT view
         contrastive_weight=1.0,
     )
 
