@@ -61,7 +61,8 @@ BAD_CONFIGS = {
         r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used; valid shapes multiply to 8"),
     "more_devices_than_exist": (
         {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
-    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'clip', 'siglip'\]"),
+    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'clip', 'eva', 'mae', "
+                                                     r"'siglip', 'simmim', 'tips'\]"),
     "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
     "model_size_patch_does_not_divide_image": (
         {"model.image.variant": "B/17"},
@@ -83,7 +84,9 @@ BAD_CONFIGS = {
     "negative_worker_count": ({"data.worker_count": "-1"}, r"data.worker_count=-1 must be >= 0"),
     "unknown_eval_type": (
         {"evals.zeroshot.type": "zeroshoot"},
-        r"evals.zeroshot.type='zeroshoot'; valid: \['knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
+        r"evals.zeroshot.type='zeroshoot'; valid: \['dense', 'knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
+    "unknown_mask_kind": ({"mim.mask_kind": "grid"}, r"mim.mask_kind='grid'; valid: \('block', 'random'\)"),
+    "mask_ratio_out_of_range": ({"mim.mask_ratio": "1.0"}, r"mim.mask_ratio=1.0 must be in \[0, 1\)"),
     "unknown_eval_split": (
         {"evals.retrieval.split": "val"},
         r"evals.retrieval.split='val'; valid splits of data.source='shapes': \['train', 'validation', 'test'\]"),

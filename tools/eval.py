@@ -3,11 +3,14 @@
 
   python tools/eval.py --workdir=runs/x [--step=N] [--split=test] [--set evals.zeroshot.num_examples=500]
   python tools/eval.py --workdir=runs/x --evals=zeroshot,knn,linear_probe --set evals.knn.num_train=10000
+  python tools/eval.py --workdir=runs/clip --evals=zeroshot,retrieval,dense   # + the dense probe (dense_miou)
 
 Evaluators (vlp/eval/): zeroshot (top-1/5 from class names + prompt templates), retrieval (I->T and T->I
 R@1/5/10, several captions per image), linear_probe (logistic regression on frozen embeddings, L2 chosen on a
-validation split), knn (k = 10, 20, temperature-weighted). A name in --evals that is not in the config but is an
-evaluator type is added with the settings of the config's first evaluator (split, num_examples); `--set
+validation split), knn (k = 10, 20, temperature-weighted), dense (a linear segmentation probe on frozen patch
+tokens, mIoU). A name in --evals that is not in the config but is an
+evaluator type is added with the settings of the config's first evaluator (split, num_examples; dense: the
+probe's standard settings); `--set
 evals.<name>.<key>=...` then adjusts it (e.g. source=..., train_split=..., class_names=imagenet1k,
 templates=clip80). Prints a table, then one JSON line; the JSON goes to <workdir>/eval_<split>_step<N>.json (or
 --out).
@@ -40,6 +43,10 @@ def add_default_evaluators(config, names: list[str]) -> None:
                      "batch_size": template.get("batch_size", 500) if template else 500}
             if name in ("knn", "linear_probe"):
                 entry.update(train_split="train", num_train=5000)
+            if name == "dense":  # the settings every method's configs use, so mIoU compares across methods
+                from vlp.eval.dense import default_eval
+
+                entry = default_eval()
             config.evals[name] = entry
 
 

@@ -3,6 +3,7 @@
 
   python tools/plot_metrics.py --workdir=runs/demo [--out=runs/demo/metrics.png] [--keys loss zeroshot_top1]
   python tools/plot_metrics.py --workdir runs/clip runs/tips --keys loss dense_miou --out=compare.png
+  python tools/plot_metrics.py --workdir runs/simmim runs/mae --keys loss --out=docs/mim_loss_curves.png
   python tools/plot_metrics.py --eval_json runs/clip/eval_test_step1600.json runs/tips/eval_test_step1600.json \
       --out=evals.png
 

@@ -79,6 +79,30 @@ def base_config() -> ml_collections.ConfigDict:
     # batch devices, per-device memory independent of the device count (for very large batches).
     c.loss = dict(variant="gather", label_smoothing=0.0)
 
+    # Masked-image modelling (simmim, mae, eva, tips). Masks are drawn per example from (seed, index) in the pipeline.
+    c.mim = dict(
+        mask_kind="block",  # block (BEiT/SimMIM/EVA/iBOT) | random (MAE)
+        mask_ratio=0.6,
+        min_block=4,  # block masks: smallest block, in patches
+        masked_image_fraction=1.0,  # share of images that get a mask (iBOT/DINOv2: 0.5); the others none
+        norm_pix=True,  # MAE: per-patch normalised pixel targets
+        decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=256,  # MAE's light decoder
+        teacher_workdir="",  # EVA: a vlp workdir whose image tower (frozen) gives the target features
+    )
+    # DINO/iBOT self-distillation with an EMA teacher (tips). Defaults follow DINOv2 (methods.md section 5) except K.
+    c.distill = dict(
+        num_prototypes=1024, head_hidden=256, head_bottleneck=64, head_layers=3,
+        student_temp=0.1, teacher_temp=0.07, teacher_temp_start=0.04, teacher_temp_warmup_steps=100,
+        center_momentum=0.9,
+        ema_momentum=0.996, ema_momentum_final=0.996,  # equal: fixed momentum (SILC/TIPS); else cosine to final
+        dino_weight=1.0, ibot_weight=1.0,
+    )
+    # TIPS: CLS token 1 <-> noisy caption, CLS token 2 <-> synthetic caption (two InfoNCE terms, one text tower).
+    c.tips = dict(
+        contrastive_view="unmasked",  # unmasked: one more student forward pass (better); masked: the iBOT view
+        contrastive_weight=1.0,
+    )
+
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
@@ -237,7 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from vlp.eval import EVALUATORS
     from vlp.losses.contrastive import LOSS_VARIANTS
     from vlp.models import layers, text, vit
-    from vlp.objectives import available_objectives
+    from vlp.objectives import available_objectives, get_objective
     from vlp.train import accumulation
 
     _check(config.objective in available_objectives(),
@@ -300,6 +324,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
            f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
            "tools/train_tokenizer.py), a Hugging Face tokenizer.json, or '' for the bundled shapes tokenizer")
+    _validate_mim(config)
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")
         _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
@@ -319,12 +344,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for key in ("num_examples", "batch_size"):
             value = ev.get(key, 1)
             _check(isinstance(value, int) and value > 0, f"evals.{name}.{key}={value!r} must be a positive integer")
+        objective = get_objective(config.objective)
+        needs = {"zeroshot": "encode_text", "retrieval": "encode_text", "linear_probe": "encode_image",
+                 "knn": "encode_image", "dense": "encode_patches"}.get(ev.type)
+        _check(needs is None or hasattr(objective, needs),
+               f"evals.{name}.type={ev.type!r} needs an objective with {needs}; objective={config.objective!r} has "
+               f"none (image-only objectives are evaluated with type='dense'; remove evals.{name})")
         if ev.type == "zeroshot" and not ev.get("class_names"):
             try:
                 sources.class_names(source)
             except ValueError as e:
                 raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or set "
                                  f"evals.{name}.class_names, or remove evals.{name})") from e
+
+
+def _validate_mim(config: ml_collections.ConfigDict) -> None:
+    from vlp.data.masking import MASK_KINDS
+
+    mim, distill = config.mim, config.distill
+    _check(mim.mask_kind in MASK_KINDS, f"mim.mask_kind={mim.mask_kind!r}; valid: {MASK_KINDS}")
+    _check(0 <= mim.mask_ratio < 1, f"mim.mask_ratio={mim.mask_ratio} must be in [0, 1)")
+    _check(isinstance(mim.min_block, int) and mim.min_block >= 1, f"mim.min_block={mim.min_block!r} must be >= 1")
+    _check(0 <= mim.masked_image_fraction <= 1,
+           f"mim.masked_image_fraction={mim.masked_image_fraction} must be in [0, 1]")
+    for key in ("decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim"):
+        _check(isinstance(mim[key], int) and mim[key] > 0, f"mim.{key}={mim[key]!r} must be a positive integer")
+    _check(mim.decoder_width % mim.decoder_heads == 0 and mim.decoder_width % 4 == 0,
+           f"mim.decoder_width={mim.decoder_width} must be divisible by 4 and by mim.decoder_heads="
+           f"{mim.decoder_heads}")
+    _check(not mim.teacher_workdir or Path(mim.teacher_workdir).is_dir(),
+           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir")
+    for key in ("num_prototypes", "head_hidden", "head_bottleneck", "head_layers"):
+        _check(isinstance(distill[key], int) and distill[key] > 0,
+               f"distill.{key}={distill[key]!r} must be a positive integer")
+    for key in ("student_temp", "teacher_temp", "teacher_temp_start"):
+        _check(distill[key] > 0, f"distill.{key}={distill[key]} must be > 0")
+    for key in ("center_momentum", "ema_momentum", "ema_momentum_final"):
+        _check(0 <= distill[key] <= 1, f"distill.{key}={distill[key]} must be in [0, 1]")
+    _check(config.tips.contrastive_view in ("masked", "unmasked"),
+           f"tips.contrastive_view={config.tips.contrastive_view!r}; valid: ('masked', 'unmasked')")
+    if config.objective == "eva":
+        _check(bool(mim.teacher_workdir) and (Path(mim.teacher_workdir) / "config.json").is_file(),
+               f"objective='eva' needs mim.teacher_workdir (a vlp workdir with config.json and checkpoints whose "
+               f"image tower gives the regression targets, e.g. a configs/clip.py:tiny run); got "
+               f"{mim.teacher_workdir!r}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -65,16 +65,62 @@ class SelectCaption(grain.transforms.Map):
 
 
 @dataclasses.dataclass
+class SelectBothCaptions(grain.transforms.Map):
+    """record -> {"image", "caption_noisy", "caption_synthetic", "label"} (TIPS trains on both captions)."""
+
+    def map(self, example: dict) -> dict:
+        out = {"image": example["image"], "caption_noisy": example["caption_noisy"],
+               "caption_synthetic": example["caption_synthetic"], "label": np.int32(example["label"])}
+        if SKIPPED_KEY in example:
+            out[SKIPPED_KEY] = example[SKIPPED_KEY]
+        return out
+
+
+@dataclasses.dataclass
+class AddPatchMask(grain.transforms.Map):
+    """Runs `inner` and adds "mim_mask" bool [grid_h * grid_w], a pure function of (seed, the record's index).
+
+    A share `masked_image_fraction` of the examples (also fixed by seed and index) is masked, the rest get an
+    all-False mask."""
+
+    inner: grain.transforms.Map
+    kind: str
+    grid: tuple[int, int]
+    ratio: float
+    min_block: int = 4
+    seed: int = 0
+    masked_image_fraction: float = 1.0
+
+    def map(self, example: dict) -> dict:
+        from vlp.data import masking
+
+        out = self.inner.map(example)
+        index = int(example["index"])
+        if _mix64((self.seed << 41) ^ index ^ 0x5EED) / 2.0**64 < self.masked_image_fraction:
+            mask = masking.make_mask(self.kind, self.seed, index, self.grid, self.ratio, self.min_block)
+        else:
+            mask = np.zeros(self.grid, bool)
+        out["mim_mask"] = mask.reshape(-1)
+        return out
+
+
+@dataclasses.dataclass
 class TokenizeBatch(grain.transforms.Map):
-    """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}."""
+    """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}.
+
+    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS) and passes "mim_mask" through."""
 
     tokenizer: Tokenizer
     max_text_len: int
 
     def map(self, batch: dict) -> dict:
-        out = {"image": normalize_image(batch["image"]),
-               "text": self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_text_len),
-               "label": batch["label"]}
+        out = {"image": normalize_image(batch["image"]), "label": batch["label"]}
+        for key in batch:
+            if key == "caption" or key.startswith("caption_"):
+                out["text" + key[len("caption"):]] = self.tokenizer.encode([str(c) for c in batch[key]],
+                                                                          self.max_text_len)
+        if "mim_mask" in batch:
+            out["mim_mask"] = batch["mim_mask"]
         if SKIPPED_KEY in batch:
             out[SKIPPED_KEY] = batch[SKIPPED_KEY]
         return out

@@ -8,12 +8,14 @@ has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tool
 - `linear_probe`: L2-regularised logistic regression on frozen image embeddings, strength chosen on a validation
   split (`train_split`, `num_train`, `l2_sweep`).
 - `knn`: weighted kNN on frozen image embeddings (`ks`, `temperature`, `train_split`, `num_train`).
+- `dense`: a linear segmentation probe on frozen patch tokens (shapes masks), `dense_miou`.
 """
 
+from vlp.eval.dense import DenseEvaluator
 from vlp.eval.knn import KnnEvaluator
 from vlp.eval.linear_probe import LinearProbeEvaluator
 from vlp.eval.retrieval import RetrievalEvaluator
 from vlp.eval.zero_shot import ZeroShotEvaluator
 
 EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
-              "knn": KnnEvaluator}
+              "knn": KnnEvaluator, "dense": DenseEvaluator}

@@ -13,11 +13,13 @@ Params = Any
 @dataclasses.dataclass(frozen=True)
 class Encoders:
     """encode_image(params, images [N, H, W, 3]) -> [N, D]; encode_text(params, tokens [N, L]) -> [N, D] (both
-    L2-normalised numpy); tokenize(texts) -> int32 [N, L]."""
+    L2-normalised numpy); tokenize(texts) -> int32 [N, L]; encode_patches(params, images) -> [N, P, D] patch tokens
+    (None where the model has none). Image-only objectives have no text encoder (encode_text None)."""
 
-    encode_image: Callable[[Params, np.ndarray], np.ndarray]
-    encode_text: Callable[[Params, np.ndarray], np.ndarray]
+    encode_image: Callable[[Params, np.ndarray], np.ndarray] | None
+    encode_text: Callable[[Params, np.ndarray], np.ndarray] | None
     tokenize: Callable[[list[str]], np.ndarray]
+    encode_patches: Callable[[Params, np.ndarray], np.ndarray] | None = None
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

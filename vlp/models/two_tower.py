@@ -72,6 +72,12 @@ class TwoTower(nn.Module):
             pooled = self.image_proj(pooled)
         return l2_normalize(pooled)
 
+    def patch_tokens(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> the image tower's final patch tokens [B, N, width] (CLS tokens dropped)."""
+        _, tokens = self.image_tower(images)
+        num_cls = self.image.get("num_cls_tokens", 1) if self.image.get("pool", "cls") == "cls" else 0
+        return tokens[:, num_cls:]
+
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         pooled, _ = self.text_tower(tokens)
         if self.text_proj is not None:

@@ -49,6 +49,9 @@ class ViT(nn.Module):
     """ViT: patchify -> (+ CLS tokens) -> + position embedding -> [ln_pre] -> pre-LN blocks -> ln_post -> pool.
 
     images [B, H, W, C] float -> (pooled [B, width], tokens [B, num_cls + N, width]).
+    Masked-image modelling: `mask` [B, N] bool (True = masked) replaces those patch embeddings with a learned
+    mask token (SimMIM, iBOT, EVA; needs `mask_token=True`); `keep` [B, N_vis] int keeps only those patches
+    (after the position embedding: MAE's encoder on visible tokens), so tokens are [B, num_cls + N_vis, width].
     `pool`: `cls` (first CLS token, CLIP), `gap` (mean of patch tokens), `map` (attention pooling, SigLIP).
     `ln_pre` is CLIP's LayerNorm before the blocks (Hugging Face `pre_layrnorm`).
     """
@@ -67,10 +70,12 @@ class ViT(nn.Module):
     ln_eps: float = 1e-5
     fused_qkv: bool = True
     remat: bool = False
+    mask_token: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, mask: jax.Array | None = None,
+                 keep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if self.pool not in POOLINGS:
             raise ValueError(f"unknown ViT pooling {self.pool!r}; valid: {POOLINGS}")
         if self.posemb not in POSEMBS:
@@ -87,17 +92,29 @@ class ViT(nn.Module):
         grid_h, grid_w = x.shape[1], x.shape[2]
         x = x.reshape(batch, grid_h * grid_w, self.width)
         num_cls = self.num_cls_tokens if self.pool == "cls" else 0
-        if num_cls:
+        if num_cls:  # params are created in the same order as before mask tokens existed (same init values)
             cls = self.param("cls_token", layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                              (1, num_cls, self.width), jnp.float32)
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, num_cls, self.width)), x], axis=1)
         if self.posemb == "learn":
             pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(0.02), ("length", "embed")),
-                             (x.shape[1], self.width), jnp.float32)
+                             (num_cls + grid_h * grid_w, self.width), jnp.float32)
         else:
             pos = jnp.asarray(layers.sincos_2d(grid_h, grid_w, self.width))
             pos = jnp.concatenate([jnp.zeros((num_cls, self.width)), pos], axis=0)
-        x = x + pos.astype(self.dtype)[None]
+        pos = pos.astype(self.dtype)
+        if self.mask_token:  # created whenever configured, so the params do not depend on the call
+            token = self.param("mask_token", layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                               (1, 1, self.width), jnp.float32)
+        if mask is not None:
+            if not self.mask_token:
+                raise ValueError("ViT called with a mask but built with mask_token=False")
+            x = jnp.where(mask[..., None], token.astype(self.dtype), x)
+        x = x + pos[num_cls:][None]
+        if keep is not None:
+            x = jnp.take_along_axis(x, keep[..., None], axis=1)
+        if num_cls:
+            cls = cls.astype(self.dtype) + pos[None, :num_cls]
+            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, num_cls, self.width)), x], axis=1)
         if self.ln_pre:
             x = layers.layer_norm(self.ln_eps, self.dtype, "ln_pre")(x)
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,

@@ -35,4 +35,4 @@ def get_objective(name: str) -> type:
 
 
 # Built-in objectives register themselves on import.
-from vlp.objectives import align, clip, siglip  # noqa: E402,F401
+from vlp.objectives import align, clip, eva, mae, siglip, simmim, tips  # noqa: E402,F401

@@ -40,6 +40,27 @@ class Objective(abc.ABC):
     def train_flops_per_example(self) -> float:
         """Model FLOPs (forward + backward) per training example, for MFU."""
 
+    # Objectives with state outside the optimizer (EMA teacher, centres) override the three hooks below; the trainer
+    # then calls `loss_fn_with_extra` instead of `loss_fn` and stores `update_extra`'s result in TrainState.extra.
+    has_extra: bool = False
+
+    def init_extra(self, params: Params) -> Any:
+        """The initial extra state (boxed like `init`'s params where it mirrors them); None = none."""
+        return None
+
+    def loss_fn_with_extra(self, params: Params, extra: Any, batch: dict[str, jax.Array],
+                           rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:
+        """(loss, (metrics, aux)): `aux` carries what `update_extra` needs (e.g. this step's teacher outputs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no extra state")
+
+    def update_extra(self, extra: Any, params: Params, aux: Any, step: jax.Array) -> Any:
+        """The extra state after the optimizer step (`params` are the updated student params)."""
+        return extra
+
+    def train_example_transform(self, default: Any) -> Any:
+        """The per-example grain transform of the training stream; `default` picks one caption per example."""
+        return default
+
     def model_config(self) -> dict[str, Any]:
         """A JSON-able description of the model (written next to exported weights)."""
         return {"objective": self.config.objective, "model": self.config.model.to_dict()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -33,21 +34,44 @@ def batched_apply(fn: Callable, params: Any, array: np.ndarray, batch_size: int,
     return np.concatenate(outputs)
 
 
-def make_encoders(objective: Any, mesh: Mesh, batch_size: int) -> Encoders:
-    encode_image = jax.jit(objective.encode_image)
-    encode_text = jax.jit(objective.encode_text)
+def make_encoders(objective: Any, mesh: Mesh, batch_size: int, image_output: int | None = None) -> Encoders:
+    """Batched, sharded encoders of an objective; those it lacks are None (image-only objectives have no text).
+    `image_output` picks one of several image embeddings (TIPS: CLS token 1 or 2)."""
     max_len = objective.config.data.max_text_len
+
+    def batched(name: str, **kwargs: Any) -> Callable | None:
+        fn = getattr(objective, name, None)
+        if fn is None:
+            return None
+        jitted = jax.jit(functools.partial(fn, **kwargs))
+        return lambda params, array: batched_apply(jitted, params, array, batch_size, mesh)
+
     return Encoders(
-        encode_image=lambda params, images: batched_apply(encode_image, params, images, batch_size, mesh),
-        encode_text=lambda params, tokens: batched_apply(encode_text, params, tokens, batch_size, mesh),
+        encode_image=batched("encode_image", **({"output": image_output} if image_output else {})),
+        encode_text=batched("encode_text"),
         tokenize=lambda texts: objective.tokenizer.encode(texts, max_len),
+        encode_patches=batched("encode_patches"),
     )
+
+
+class _Suffixed:
+    """An evaluator whose result keys get a suffix (e.g. `retrieval_i2t_r1_cls2`)."""
+
+    def __init__(self, evaluator: Any, suffix: str):
+        self.evaluator, self.suffix = evaluator, suffix
+
+    def run(self, params: Any) -> dict[str, float]:
+        return {k + self.suffix: v for k, v in self.evaluator.run(params).items()}
 
 
 def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Mesh, split: str | None = None,
                      names: list[str] | None = None) -> dict[str, Any]:
     """One evaluator per entry of config.evals (or of `names`, in that order); `split` overrides every entry's
-    split (tools/eval.py --split). An entry's `source` evaluates on another data source than the training one."""
+    split (tools/eval.py --split).
+
+    Optional entry keys: `source` (evaluate on another data source than the training one), `image_output` (which
+    image embedding, e.g. TIPS's CLS 1 or 2), `key_prefix` (default: the entry's name) and `key_suffix` of the
+    result keys (e.g. `retrieval` + `_cls2` -> `retrieval_i2t_r1_cls2`)."""
     names = list(config.evals.keys()) if names is None else list(names)
     unknown = [n for n in names if n not in config.evals]
     if unknown:
@@ -57,11 +81,13 @@ def build_evaluators(config: ml_collections.ConfigDict, objective: Any, mesh: Me
         ev = config.evals[name]
         if ev.type not in EVALUATORS:
             raise ValueError(f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
-        options = {k: v for k, v in ev.to_dict().items() if k not in ("type", "split", "batch_size", "source")}
-        encoders = make_encoders(objective, mesh, ev.get("batch_size", 500))
-        evaluators[name] = EVALUATORS[ev.type].build(
-            encoders, name=name, data_source=ev.get("source") or config.data.source, split=split or ev.split,
-            image_size=config.data.image_size, **options)
+        options = {k: v for k, v in ev.to_dict().items()
+                   if k not in ("type", "split", "batch_size", "source", "image_output", "key_prefix", "key_suffix")}
+        encoders = make_encoders(objective, mesh, ev.get("batch_size", 500), ev.get("image_output"))
+        evaluator = EVALUATORS[ev.type].build(
+            encoders, name=ev.get("key_prefix", name), data_source=ev.get("source") or config.data.source,
+            split=split or ev.split, image_size=config.data.image_size, **options)
+        evaluators[name] = _Suffixed(evaluator, ev.key_suffix) if ev.get("key_suffix") else evaluator
     return evaluators
 
 

@@ -79,7 +79,8 @@ class Experiment:
 def _init_fn(objective: Objective, optimizer: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
     def init(rng: jax.Array) -> TrainState:
         params = objective.init(rng)  # boxed: the optimizer state inherits the params' logical names
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          extra=objective.init_extra(params))
 
     return init
 
@@ -120,20 +121,33 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
     `accumulation_steps` > 1 splits the global batch into micro-batches (see vlp/train/accumulation.py).
     """
-    grad_fn = accumulation.make_grad_fn(objective, accumulation_steps, accumulation_mode)
+    if objective.has_extra:
+        if accumulation_steps != 1:
+            raise ValueError(f"invalid config: accumulation.steps={accumulation_steps} is not supported by objective "
+                             f"{objective.config.objective!r} (its EMA teacher/centres update once per step); use "
+                             f"accumulation.steps=1")
+        extra_grad_fn = jax.value_and_grad(objective.loss_fn_with_extra, has_aux=True)
+    else:
+        grad_fn = accumulation.make_grad_fn(objective, accumulation_steps, accumulation_mode)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         batch = dict(batch)
         skipped = batch.pop(SKIPPED_KEY, None)  # bookkeeping of the input pipeline, not model input
-        (loss, metrics), grads = grad_fn(state.params, batch, rng)
+        if objective.has_extra:
+            (loss, (metrics, aux)), grads = extra_grad_fn(state.params, state.extra, batch, rng, state.step)
+        else:
+            (loss, metrics), grads = grad_fn(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        extra = state.extra
+        if objective.has_extra:
+            extra = keep_if_finite(objective.update_extra(state.extra, params, aux, state.step), state.extra)
         new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
-                               opt_state=keep_if_finite(opt_state, state.opt_state))
+                               opt_state=keep_if_finite(opt_state, state.opt_state), extra=extra)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                        nonfinite=1 - finite.astype(jnp.int32),
                        skipped_records=jnp.zeros((), jnp.int32) if skipped is None else skipped.sum())
@@ -158,6 +172,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, objective: Objective)
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
     select = SelectCaption(config.data.train_caption, config.seed, config.data.synthetic_caption_prob)
+    select = objective.train_example_transform(select)  # e.g. both captions, MIM masks
     tokenize = TokenizeBatch(objective.tokenizer, config.data.max_text_len)
     spec = pipeline.TrainStreamSpec(config.batch_size, config.seed, jax.process_index(), jax.process_count(),
                                     config.data.worker_count, config.data.read_threads)

@@ -1,0 +1,42 @@
+"""EVA (Fang et al., 2023): masked feature regression to a frozen teacher's patch features (-cosine on masked patches).
+
+Paper values [code]: BEiT block masks, 105 of 256 patches (~40%), min 16 patches per block; teacher = OpenAI CLIP
+ViT-L/14 patch tokens; AdamW (0.9, 0.98), lr 1e-3, wd 0.05, clip-grad 3. Here the teacher is any vlp run with patch
+tokens and the same patch grid, named by `mim.teacher_workdir` (required), e.g. a `configs/clip.py:tiny` run for
+`tiny` (32 px, patch 8: a 4x4 grid, so blocks of min 2 patches). Evaluated with the dense probe (no text tower).
+Usage: `--config=configs/eva.py:tiny,mim.teacher_workdir=runs/clip`.
+"""
+
+from vlp import config as vlp_config
+from vlp.eval.dense import default_eval
+
+VARIANTS = ("tiny", "B/16", "L/14")
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
+    c = vlp_config.base_config()
+    c.objective = "eva"
+    c.mim.update(mask_kind="block", mask_ratio=0.4, min_block=16)
+    c.evals = dict(dense=default_eval())
+    if variant == "tiny":
+        c.total_steps = 800
+        c.batch_size = 128
+        c.data.image_size = 32
+        c.data.read_threads = 1
+        c.mim.min_block = 2
+        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+        c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05)
+        c.log_every, c.eval_every, c.checkpoint_every = 25, 400, 400
+    else:
+        c.total_steps = 150_000
+        c.batch_size = 4096
+        c.data.image_size = 224
+        c.data.worker_count = 8
+        c.model.image.variant = variant
+        c.model.image.remat = variant == "L/14"
+        c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=0.05, grad_clip_norm=3.0)
+        c.mesh.shape = (1, -1, 1)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
+    vlp_config.apply_overrides(c, overrides)
+    return c
