@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) -m vlp.train --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # 2 workers, each test file on one (its fixtures shared)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_step.py

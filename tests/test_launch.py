@@ -59,8 +59,8 @@ def wait_for(predicate, timeout_seconds: float, what: str) -> None:
 
 # A stand-in trainer: prints its arguments one per line, exits 75 on SIGTERM (the trainer's preemption contract).
 FAKE_TRAINER = """#!/usr/bin/env bash
-printf 'ARG[%s]\\n' "$@"
 trap 'echo "trainer: got SIGTERM"; kill "$!" 2>/dev/null; exit 75' TERM
+printf 'ARG[%s]\\n' "$@"
 if [[ ${FAKE_TRAIN:-} == sleep ]]; then sleep 60 & wait; fi
 exit "${FAKE_EXIT:-0}"
 """
@@ -186,11 +186,15 @@ def test_tpu_vm_runs_the_trainer_and_returns_worker_0s_status(fake_tpu_host):
 def test_tpu_vm_ctrl_c_stops_the_trainers_on_the_workers(fake_tpu_host, tmp_path):
     home, env, gcloud_log = fake_tpu_host
     with (tmp_path / "out.log").open("w") as out:
+        # Ctrl-C's default action, as in a terminal: a test runner may have left SIGINT ignored, which children
+        # inherit (the launcher's `tail` would then outlive the Ctrl-C).
         proc = subprocess.Popen(["bash", str(REPO / "launch" / "tpu_vm.sh"), *TPU_RUN_ARGS], stdout=out,
-                                stderr=subprocess.STDOUT, env=dict(env, FAKE_TRAIN="sleep"), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=dict(env, FAKE_TRAIN="sleep"), start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         log = home / "vlp" / "train.log"
-        wait_for(lambda: log.exists() and "ARG[it's]" in log.read_text(), 30, "the trainer to start")
+        # Wait until the launcher streams the log (its `tail` runs): a Ctrl-C before `tail` starts would not reach it.
+        wait_for(lambda: "ARG[it's]" in (tmp_path / "out.log").read_text(), 30, "the launcher to stream the log")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the launching terminal
         assert proc.wait(timeout=30) == 130, (tmp_path / "out.log").read_text()
     finally:
