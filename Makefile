@@ -23,6 +23,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) runs
