@@ -8,35 +8,20 @@ Usage: `--config=configs/eva.py:tiny,mim.teacher_workdir=runs/clip`.
 """
 
 from vlp import config as vlp_config
-from vlp.eval.dense import default_eval
 
 VARIANTS = ("tiny", "B/16", "L/14")
 
 
 def get_config(arg: str | None = None):
     variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
-    c = vlp_config.base_config()
-    c.objective = "eva"
+    c = vlp_config.image_only_config("eva", variant, tiny_patch_size=8)
     c.mim.update(mask_kind="block", mask_ratio=0.4, min_block=16)
-    c.evals = dict(dense=default_eval())
     if variant == "tiny":
-        c.total_steps = 800
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.read_threads = 1
         c.mim.min_block = 2
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
         c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 25, 400, 400
     else:
         c.total_steps = 150_000
         c.batch_size = 4096
-        c.data.image_size = 224
-        c.data.worker_count = 8
-        c.model.image.variant = variant
-        c.model.image.remat = variant == "L/14"
         c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=0.05, grad_clip_norm=3.0)
-        c.mesh.shape = (1, -1, 1)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
     vlp_config.apply_overrides(c, overrides)
     return c

@@ -7,37 +7,22 @@ Evaluated with the dense probe (no text tower). Usage: `--config=configs/mae.py:
 """
 
 from vlp import config as vlp_config
-from vlp.eval.dense import default_eval
 
 VARIANTS = ("tiny", "B/16", "L/14")
 
 
 def get_config(arg: str | None = None):
     variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
-    c = vlp_config.base_config()
-    c.objective = "mae"
+    c = vlp_config.image_only_config("mae", variant, tiny_patch_size=4)
     c.mim.update(mask_kind="random", mask_ratio=0.75, masked_image_fraction=1.0, norm_pix=True)
     c.model.image.posemb = "sincos2d"
-    c.evals = dict(dense=default_eval())
     if variant == "tiny":
-        c.total_steps = 800
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.read_threads = 1
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=4)
         c.mim.update(decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=256)
         c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.95)
-        c.log_every, c.eval_every, c.checkpoint_every = 25, 400, 400
     else:
         c.total_steps = 250_000
         c.batch_size = 4096
-        c.data.image_size = 224
-        c.data.worker_count = 8
-        c.model.image.variant = variant
-        c.model.image.remat = variant == "L/14"
         c.mim.update(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048)
         c.optim.update(lr=1.5e-4 * 4096 / 256, warmup_steps=12_500, weight_decay=0.05, b2=0.95)
-        c.mesh.shape = (1, -1, 1)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
     vlp_config.apply_overrides(c, overrides)
     return c

@@ -143,6 +143,32 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def image_only_config(objective: str, variant: str, tiny_patch_size: int) -> ml_collections.ConfigDict:
+    """What the image-only objectives' configs (simmim, mae, eva) share: the `tiny` CPU run on shapes at 32 px with
+    the CLIP demo's image tower, or a cluster variant (`B/16`, `L/14`: 224 px, FSDP); evaluated by the dense probe
+    only (no text tower). The method files add their masks, steps, batch and optimizer."""
+    from vlp.eval.dense import default_eval
+
+    c = base_config()
+    c.objective = objective
+    c.evals = dict(dense=default_eval())
+    if variant == "tiny":
+        c.total_steps = 800
+        c.batch_size = 128
+        c.data.image_size = 32
+        c.data.read_threads = 1
+        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=tiny_patch_size)
+        c.log_every, c.eval_every, c.checkpoint_every = 25, 400, 400
+    else:
+        c.data.image_size = 224
+        c.data.worker_count = 8
+        c.model.image.variant = variant
+        c.model.image.remat = variant == "L/14"
+        c.mesh.shape = (1, -1, 1)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
+    return c
+
+
 def _coerce(value: str, current: Any, key: str, declared: type | None = None) -> Any:
     # An unset placeholder (current None) is parsed by its declared type: int and float placeholders reject strings.
     if isinstance(current, str) or (current is None and declared not in (int, float, bool)):
