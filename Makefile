@@ -7,20 +7,28 @@ DEMO_CONFIG ?= configs/clip.py:tiny
 
 .PHONY: demo test bench install clean
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs only vlp's own dependencies; the tests add pytest and the interop extra (torch, transformers,
+# open_clip: several GB with torch's CUDA libraries), so only `make test` installs them.
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,interop]'
+
+$(VENV)/.installed-core: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
 	touch $@
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[test,interop]'
+	touch $@ $(VENV)/.installed-core
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-core
 	$(PY) -m vlp.train --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # 2 workers, each test file on one (its fixtures shared)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-core
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/data.py
