@@ -41,6 +41,10 @@ def is_storage_error(error: BaseException) -> bool:
                                                                   and error.errno is not None)
 
 
+class StorageError(RuntimeError):
+    """A record that the storage failed to deliver after retries: the run stops (it is not skipped)."""
+
+
 def _coprime_stride(n: int) -> int:
     """The step between replacement candidates: the integer nearest n / golden ratio that is coprime with n, so
     candidates jump far from a damaged region (a whole shard) and visit every record within n tries."""
@@ -99,6 +103,8 @@ class SkippingReader:
             candidate = (int(index) + attempt * self.stride) % n
             try:
                 record = dict(self._read(candidate))
+            except StorageError:
+                raise
             except Exception as e:  # noqa: BLE001 - a record that cannot be decoded is damage: skip it
                 log.warning("skipping unreadable training record %d (%s: %s)", candidate, type(e).__name__, e)
                 self._count(candidate, f"record {candidate}: {type(e).__name__}: {e}")
@@ -118,7 +124,7 @@ class SkippingReader:
                 if not is_storage_error(e):
                     raise
                 if retry == self.io_retries:
-                    raise RuntimeError(
+                    raise StorageError(
                         f"training record {index} (in {self._shard(index)}) could not be read in {retry + 1} tries "
                         f"over ~{self.io_backoff_seconds * (2 ** retry - 1):.1f} s: {type(e).__name__}: {e}. A "
                         "storage error is not a damaged record (skipping it would break exact resume), so the run "
