@@ -199,9 +199,10 @@ def _endless(stream: SourceStream, seed: int, spec: TrainStreamSpec) -> grain.Ma
 def make_train_dataset(source: Any, example_transform: grain.transforms.Map, batch_transform: grain.transforms.Map,
                        spec: TrainStreamSpec) -> grain.IterDataset:
     """Infinite stream of host-local batches {key: [global_batch / process_count, ...]}; `SKIPPED_KEY` counts the
-    unreadable records skipped per example. `example_transform` sees each example with `VISIT_KEY`, its position in
-    the global stream, from which its random choices are drawn (vlp.data.transforms). `source` is one random-access source or a list of `SourceStream`s,
+    unreadable records skipped per example. `source` is one random-access source or a list of `SourceStream`s,
     mixed by weight (grain's `MapDataset.mix`: a deterministic interleaving, so the state stays an index).
+    `example_transform` sees each example with `VISIT_KEY`, its position in the global stream, from which its random
+    choices are drawn (see vlp.data.transforms).
 
     The order is a pure function of (seed, step): every epoch is reshuffled with a new seed, each process reads
     its own slice, and the iterator's `get_state()` (indices only) restores the exact position.
