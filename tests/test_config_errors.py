@@ -82,6 +82,9 @@ BAD_CONFIGS = {
                                                       r"\['shapes', 'arrayrecord:<dir or manifest.json>', 'tfds:"),
     "unknown_caption_kind": ({"data.train_caption": "long"}, r"data.train_caption='long'; valid: \('noisy', "),
     "negative_worker_count": ({"data.worker_count": "-1"}, r"data.worker_count=-1 must be >= 0"),
+    "bad_record_share_above_one": ({"data.max_bad_record_share": "1.5"},
+                                   r"data.max_bad_record_share=1.5 must be in \[0, 1\]"),
+    "empty_bad_record_window": ({"data.bad_record_window": "0"}, r"data.bad_record_window=0 must be >= 1"),
     "unknown_eval_type": (
         {"evals.zeroshot.type": "zeroshoot"},
         r"evals.zeroshot.type='zeroshoot'; valid: \['dense', 'knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),

@@ -71,7 +71,7 @@ def test_restored_iterator_continues_exactly():
 
 
 def test_caption_choice_is_deterministic_and_mixes():
-    examples = [{"index": i, "caption_noisy": "n", "caption_synthetic": "s"} for i in range(2000)]
+    examples = [{"index": 0, "visit": i, "caption_noisy": "n", "caption_synthetic": "s"} for i in range(2000)]
     picks = [pick_caption(e, "both", 0, 0.75) for e in examples]
     assert picks == [pick_caption(e, "both", 0, 0.75) for e in examples]
     assert 0.72 < picks.count("s") / len(picks) < 0.78

@@ -41,12 +41,16 @@ def base_config() -> ml_collections.ConfigDict:
         image_size=32,
         random_crop_scale=(0.9, 1.0),  # random resized crop area range for real images (never for shapes)
         random_flip=True,  # horizontal flips for real images (never for shapes: its captions name positions)
-        train_caption="both",  # noisy | synthetic | both (one of the two per example, fixed by seed and index)
+        train_caption="both",  # noisy | synthetic | both (one of the two, drawn per visit from seed and position)
         synthetic_caption_prob=0.5,  # with "both": how often the synthetic caption is the one trained on
         max_text_len=16,
         tokenizer="",  # a sentencepiece .model or a Hugging Face tokenizer.json; "" = the bundled shapes tokenizer
         worker_count=0,  # grain worker processes (0 = in the training process)
         read_threads=4,
+        # Damaged (undecodable) records are skipped and counted; the run stops when more than this share of the
+        # last `bad_record_window` reads of a process are damaged (10% of one default shard's 10,000 records).
+        max_bad_record_share=0.1,
+        bad_record_window=10_000,
     )
 
     c.model = dict(
@@ -79,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     # batch devices, per-device memory independent of the device count (for very large batches).
     c.loss = dict(variant="gather", label_smoothing=0.0)
 
-    # Masked-image modelling (simmim, mae, eva, tips). Masks are drawn per example from (seed, index) in the pipeline.
+    # Masked-image modelling (simmim, mae, eva, tips). Masks are drawn per visit from (seed, position in the training
+    # stream) in the pipeline: a new mask every epoch, the same ones after a resume.
     c.mim = dict(
         mask_kind="block",  # block (BEiT/SimMIM/EVA/iBOT) | random (MAE)
         mask_ratio=0.6,
@@ -317,6 +322,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(vocab_size is None or (isinstance(vocab_size, int) and vocab_size > 0),
            f"model.text.vocab_size={vocab_size!r} must be unset or a positive integer")
     _check(config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count} must be >= 0")
+    _check(0 <= config.data.max_bad_record_share <= 1,
+           f"data.max_bad_record_share={config.data.max_bad_record_share} must be in [0, 1]")
+    _check(config.data.bad_record_window >= 1,
+           f"data.bad_record_window={config.data.bad_record_window} must be >= 1 (reads)")
     _check(config.precision.compute_dtype in COMPUTE_DTYPES,
            f"precision.compute_dtype={config.precision.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
     _check(isinstance(config.accumulation.steps, int) and config.accumulation.steps >= 1,

@@ -1,4 +1,6 @@
-"""Patch masks for masked-image modelling, drawn per example from (seed, index) so a resumed run sees the same masks.
+"""Patch masks for masked-image modelling, drawn from a given generator. The training stream draws one per visit
+from (seed, position in the training stream) (`vlp.data.transforms.AddPatchMask`): every epoch masks afresh and a
+resumed run sees the same masks as the uninterrupted one.
 
 - `random_mask` (MAE): exactly round(ratio * N) of the N patches, uniformly at random.
 - `block_mask` (BEiT / SimMIM / EVA / iBOT): rectangles of at least `min_block` patches with aspect ratio in
@@ -14,13 +16,6 @@ import math
 import numpy as np
 
 MASK_KINDS = ("block", "random")
-_STREAM = 0x4D494D  # "MIM": separates mask draws from other per-example random streams
-
-
-def example_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of one example's mask: a pure function of (seed, index)."""
-    return np.random.default_rng([seed, index, _STREAM])
-
 
 def num_masked(num_patches: int, ratio: float) -> int:
     if not 0.0 <= ratio < 1.0:
@@ -71,9 +66,9 @@ def block_mask(rng: np.random.Generator, grid: tuple[int, int], ratio: float, mi
     return mask
 
 
-def make_mask(kind: str, seed: int, index: int, grid: tuple[int, int], ratio: float, min_block: int = 4) -> np.ndarray:
-    """The mask of example `index` under `seed`: bool [gh, gw]."""
-    rng = example_rng(seed, index)
+def make_mask(kind: str, rng: np.random.Generator, grid: tuple[int, int], ratio: float,
+              min_block: int = 4) -> np.ndarray:
+    """A mask of `kind` drawn from `rng`: bool [gh, gw]."""
     if kind == "random":
         return random_mask(rng, grid, ratio)
     if kind == "block":

@@ -13,6 +13,8 @@ ArrayRecord records also carry `captions` (all captions of the image) and `key`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from typing import Any
 
@@ -68,7 +70,9 @@ class ArrayRecordSource:
                              f"{sorted(manifest['splits'])}")
         entry = manifest["splits"][split]
         root = _manifest_path(manifest_arg).parent
-        self.paths = [str(root / s["file"]) for s in entry["shards"] if s["num_records"]]
+        shards = [s for s in entry["shards"] if s["num_records"]]
+        self.paths = [str(root / s["file"]) for s in shards]
+        self._shard_ends = list(itertools.accumulate(int(s["num_records"]) for s in shards))  # for shard_of
         self.split, self.image_size = split, image_size
         self.has_synthetic_caption = entry["has_synthetic_caption"]
         total = entry["num_records"]
@@ -95,6 +99,10 @@ class ArrayRecordSource:
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range [0, {self.num_examples}) for split {self.split!r}")
         return records.decode_record(self._data()[index], index, self.image_size)
+
+    def shard_of(self, index: int) -> str:
+        """The shard file that holds record `index` (for error messages about damaged records)."""
+        return self.paths[bisect.bisect_right(self._shard_ends, int(index))]
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource(split={self.split!r}, num_examples={self.num_examples}, shards={len(self.paths)})"

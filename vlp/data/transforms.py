@@ -2,6 +2,13 @@
 
 Per example: pick the training caption and keep the uint8 image. Per batch: normalise the images and tokenise
 all captions in one call (sentencepiece encodes a list ~35x faster than one text at a time).
+
+Randomness per visit, not per record: the pipeline stamps each example with `VISIT_KEY`, its position in the global
+training stream (after shuffle, repeat and mixture, before the per-process slice), and every random choice of a
+transform (caption choice, MIM mask, ...) is drawn from (seed, visit, purpose tag) through `visit_rng` or
+`visit_uniform`. So every epoch draws afresh, 1 or N processes and any grain worker count draw the same for the
+same global example, and a resumed run (whose saved state is a stream position) draws exactly what the
+uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from vlp.data.tokenizer import Tokenizer
 
 # Per example: how many unreadable records were skipped to produce it (see vlp.data.pipeline.SkippingReader).
 SKIPPED_KEY = "skipped_records"
+# Per example, before the example transform: its position in the global training stream (int64; see module doc).
+VISIT_KEY = "visit"
 
 CAPTION_CHOICES = ("noisy", "synthetic", "both")
 _MASK64 = (1 << 64) - 1
@@ -32,11 +41,43 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _tag(tag: str) -> int:
+    return int.from_bytes(tag.encode("utf-8"), "little")
+
+
+def visit_of(example: dict) -> int:
+    """The example's position in the global training stream (stamped by `StampVisit`)."""
+    if VISIT_KEY not in example:
+        raise KeyError(f"example has no {VISIT_KEY!r} field (its position in the training stream), which per-visit "
+                       f"random transforms need; vlp.data.pipeline.make_train_dataset stamps it (StampVisit) before "
+                       f"the example transform. Fields present: {sorted(example)}")
+    return int(example[VISIT_KEY])
+
+
+def visit_rng(seed: int, visit: int, tag: str) -> np.random.Generator:
+    """The generator of one purpose (`tag`, e.g. "mim_mask") at one visit: a pure function of (seed, visit, tag)."""
+    return np.random.default_rng([seed, visit, _tag(tag)])
+
+
+def visit_uniform(seed: int, visit: int, tag: str) -> float:
+    """One uniform draw in [0, 1) from (seed, visit, tag), ~50x cheaper than `visit_rng` (a coin per example)."""
+    key = _mix64((_mix64(_tag(tag) & _MASK64) + seed) & _MASK64)
+    return _mix64((key + visit) & _MASK64) / 2.0**64
+
+
+@dataclasses.dataclass
+class StampVisit(grain.transforms.MapWithIndex):
+    """Adds `VISIT_KEY` = the element's index in the dataset it maps (the pipeline applies it to the global stream)."""
+
+    def map_with_index(self, index: int, example: dict) -> dict:
+        return dict(example, **{VISIT_KEY: np.int64(index)})
+
+
 def pick_caption(example: dict, caption: str, seed: int, synthetic_prob: float = 0.5) -> str:
     """The training caption of an example: one kind, or (`both`) the synthetic one with probability
-    `synthetic_prob`, else the noisy one, fixed by (seed, index)."""
+    `synthetic_prob`, else the noisy one, drawn afresh at every visit from (seed, visit)."""
     if caption == "both":
-        uniform = _mix64((seed << 40) ^ int(example["index"])) / 2.0**64
+        uniform = visit_uniform(seed, visit_of(example), "caption")
         caption = "synthetic" if uniform < synthetic_prob else "noisy"
     return example[f"caption_{caption}"]
 
@@ -78,10 +119,10 @@ class SelectBothCaptions(grain.transforms.Map):
 
 @dataclasses.dataclass
 class AddPatchMask(grain.transforms.Map):
-    """Runs `inner` and adds "mim_mask" bool [grid_h * grid_w], a pure function of (seed, the record's index).
+    """Runs `inner` and adds "mim_mask" bool [grid_h * grid_w], drawn afresh at every visit from (seed, visit).
 
-    A share `masked_image_fraction` of the examples (also fixed by seed and index) is masked, the rest get an
-    all-False mask."""
+    A share `masked_image_fraction` of the visits (also drawn from seed and visit, so the unmasked images change
+    from epoch to epoch) is masked, the rest get an all-False mask."""
 
     inner: grain.transforms.Map
     kind: str
@@ -95,9 +136,10 @@ class AddPatchMask(grain.transforms.Map):
         from vlp.data import masking
 
         out = self.inner.map(example)
-        index = int(example["index"])
-        if _mix64((self.seed << 41) ^ index ^ 0x5EED) / 2.0**64 < self.masked_image_fraction:
-            mask = masking.make_mask(self.kind, self.seed, index, self.grid, self.ratio, self.min_block)
+        visit = visit_of(example)
+        if visit_uniform(self.seed, visit, "masked_image") < self.masked_image_fraction:
+            rng = visit_rng(self.seed, visit, "mim_mask")
+            mask = masking.make_mask(self.kind, rng, self.grid, self.ratio, self.min_block)
         else:
             mask = np.zeros(self.grid, bool)
         out["mim_mask"] = mask.reshape(-1)

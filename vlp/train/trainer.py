@@ -175,7 +175,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, objective: Objective)
     select = objective.train_example_transform(select)  # e.g. both captions, MIM masks
     tokenize = TokenizeBatch(objective.tokenizer, config.data.max_text_len)
     spec = pipeline.TrainStreamSpec(config.batch_size, config.seed, jax.process_index(), jax.process_count(),
-                                    config.data.worker_count, config.data.read_threads)
+                                    config.data.worker_count, config.data.read_threads,
+                                    config.data.max_bad_record_share, config.data.bad_record_window)
     return iter(pipeline.make_train_dataset(train_streams(config), select, tokenize, spec))
 
 
