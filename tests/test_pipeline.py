@@ -84,5 +84,14 @@ def test_eval_set_is_the_first_examples_of_the_split():
     assert eval_set.images.shape == (10, 32, 32, 3)
     np.testing.assert_array_equal(eval_set.labels, [source[i]["label"] for i in range(10)])
     assert eval_set.captions["synthetic"][3] == source[3]["caption_synthetic"]
-    with pytest.raises(ValueError, match="asks for 20000 examples but the source has 10000"):
-        load_eval_set(source, 20_000)
+
+
+def test_eval_set_smaller_than_asked_is_used_whole_and_said_once(caplog):
+    source = [{"image": np.full((8, 8, 3), i, np.uint8), "label": i, "caption_noisy": f"c{i}"} for i in range(3)]
+    with caplog.at_level("WARNING", logger="vlp.data.pipeline"):
+        eval_set = load_eval_set(source, 1000, image_size=8)
+    assert eval_set.images.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(eval_set.labels, [0, 1, 2])
+    assert eval_set.captions["noisy"] == ["c0", "c1", "c2"]
+    said = [r.getMessage() for r in caplog.records if "asks for" in r.getMessage()]
+    assert said == ["eval set asks for 1000 examples but the source has 3: evaluating on all 3"]

@@ -244,11 +244,20 @@ class EvalSet:
     captions: dict[str, list]
 
 
+def eval_set_size(source: Any, num_examples: int, what: str = "eval set") -> int:
+    """`num_examples`, or the whole source when it is smaller (a 360-image evaluation folder under a config that asks
+    for 1,000), said once in the log."""
+    if num_examples <= len(source):
+        return num_examples
+    log.warning("%s asks for %d examples but the source has %d: evaluating on all %d", what, num_examples,
+                len(source), len(source))
+    return len(source)
+
+
 def load_eval_set(source: Any, num_examples: int, image_size: int | None = None) -> EvalSet:
-    """The first `num_examples` records of a source (a deterministic, held-out set). Images not already square at
+    """The first `num_examples` records of a source (a deterministic, held-out set; all of it when smaller). Images not already square at
     `image_size` (default: the source's `image_size`) are resized (short side) and center-cropped to it."""
-    if num_examples > len(source):
-        raise ValueError(f"eval set asks for {num_examples} examples but the source has {len(source)}")
+    num_examples = eval_set_size(source, num_examples)
     size = image_size or getattr(source, "image_size", None)
     records = [source[i] for i in range(num_examples)]
     kinds = [k[len("caption_"):] for k in records[0] if k.startswith("caption_")]

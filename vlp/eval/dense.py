@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlp.data import sources
+from vlp.data import pipeline, sources
 from vlp.data.transforms import normalize_image
 from vlp.eval.common import Encoders, Params
 
@@ -72,8 +72,7 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
 
 def _load(data_source: str, split: str, image_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     source = sources.make_source(data_source, split, image_size)
-    if n > len(source):
-        raise ValueError(f"dense probe asks for {n} {split} examples but the source has {len(source)}")
+    n = pipeline.eval_set_size(source, n, f"dense probe ({split})")
     records = [source[i] for i in range(n)]
     if "mask" not in records[0]:
         raise ValueError(f"the dense probe needs per-pixel masks; data source {data_source!r} has none")
