@@ -1,7 +1,6 @@
 """The training stream: deterministic, sharded per process, and resumable from its saved state (with workers too)."""
 
 import numpy as np
-import pytest
 
 from vlp.data.pipeline import TrainStreamSpec, load_eval_set, make_train_dataset
 from vlp.data.sources import make_source
