@@ -100,7 +100,7 @@ def test_aligned_target_is_ln_post_patch_tokens_through_the_projection(eva_start
 
 
 def test_teacher_restored_sharded_like_the_student_and_gets_no_gradient(teacher_workdir):
-    config = eva_config(teacher_workdir, **{"mesh.shape": "(1, 8, 1)", "mesh.num_devices": 8})
+    config = eva_config(teacher_workdir, **{"mesh.shape": "(1, 2, 1)", "mesh.num_devices": 2})
     exp = trainer.build_experiment(config)
     checkpointer = Checkpointer(Path(teacher_workdir).parent / "eva_empty_fsdp", max_to_keep=1, async_save=False)
     _, state = trainer._initial_state(exp, checkpointer, None)
@@ -144,8 +144,9 @@ def test_resume_eval_and_export_without_the_teacher_workdir(tmp_path, teacher_wo
     _, state = Checkpointer(run_dir / "checkpoints", max_to_keep=3, async_save=False).restore(exp.abstract_state)
     want = teacher_params(teacher_workdir)
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), state.extra["teacher"], want))
-    # (a) extend the run from its saved config: the later losses are the uninterrupted run's.
-    config.total_steps = 6
+    # (a) extend the run from its saved config (as `--config=configs/workdir.py:<workdir>` does): the later losses
+    # are the uninterrupted run's.
+    config = vlp_config.load_config_file(f"{REPO / 'configs' / 'workdir.py'}:{run_dir},total_steps=6")
     final = trainer.train_and_evaluate(config, run_dir)
     assert final["resumed_from_step"] == 4
     got, expected = train_losses(run_dir), train_losses(uninterrupted)
