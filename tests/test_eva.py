@@ -190,3 +190,9 @@ def test_two_processes_train_eva_like_one_process(tmp_path, teacher_workdir, com
     for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
     assert [r for r in read_jsonl(two / "metrics.jsonl") if "dense_miou" in r]
+
+
+def test_an_unknown_target_space_is_rejected(teacher_workdir):
+    config = eva_config(teacher_workdir, **{"mim.teacher_features": "cls"})
+    with pytest.raises(ValueError, match=r"mim.teacher_features='cls'; valid: \('aligned', 'patch_tokens'\)"):
+        vlp_config.validate(config)
