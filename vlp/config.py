@@ -409,7 +409,8 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
     # A started EVA run keeps its teacher (config.json: mim.teacher_config, params: its checkpoints): the teacher
     # workdir may be gone when it resumes, or is evaluated or exported.
     _check(not mim.teacher_workdir or mim.teacher_config or Path(mim.teacher_workdir).is_dir(),
-           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir")
+           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir (an EVA run that "
+           f"has started keeps its teacher: resume it with --config=configs/workdir.py:<its workdir>)")
     _check(mim.teacher_features in ("aligned", "patch_tokens"),
            f"mim.teacher_features={mim.teacher_features!r}; valid: ('aligned', 'patch_tokens')")
     for key in ("num_prototypes", "head_hidden", "head_bottleneck", "head_layers"):
