@@ -3,7 +3,8 @@
 Paper values [code]: random 75% masks, fixed 2-D sin-cos position embeddings, decoder 8 x 512 (16 heads), AdamW
 (0.9, 0.95), lr 1.5e-4 x batch/256, wd 0.05, 40 warmup of 800-1600 epochs, norm_pix_loss. Variants: `tiny` (CPU,
 shapes, 32 px, patch 4: 64 patches, 16 visible; a 1 x 64 decoder), `B/16`, `L/14` (the paper's decoder).
-Evaluated with the dense probe (no text tower). Usage: `--config=configs/mae.py:tiny`.
+Evaluated with the dense probe (no text tower). No gradient clipping (`optim.grad_clip_norm=0`), as the reference
+MAE, which does not clip (vlp's base config clips at 1.0). Usage: `--config=configs/mae.py:tiny`.
 """
 
 from vlp import config as vlp_config
@@ -16,6 +17,7 @@ def get_config(arg: str | None = None):
     c = vlp_config.image_only_config("mae", variant, tiny_patch_size=4)
     c.mim.update(mask_kind="random", mask_ratio=0.75, masked_image_fraction=1.0, norm_pix=True)
     c.model.image.posemb = "sincos2d"
+    c.optim.grad_clip_norm = 0.0  # the reference MAE does not clip
     if variant == "tiny":
         c.mim.update(decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=256)
         c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.05, b2=0.95)

@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         norm_pix=True,  # MAE: per-patch normalised pixel targets
         decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=256,  # MAE's light decoder
         teacher_workdir="",  # EVA: a vlp workdir whose image tower (frozen) gives the target features
+        # EVA's target space: aligned (the teacher's patch tokens after ln_post and the image projection, CLIP's
+        # image-text space, as EVA) | patch_tokens (the same tokens before the projection)
+        teacher_features="aligned",
+        teacher_config="",  # EVA: the teacher's config.json (JSON text), recorded at the first start; do not set
     )
     # DINO/iBOT self-distillation with an EMA teacher (tips). Defaults follow DINOv2 (methods.md section 5) except K.
     c.distill = dict(
@@ -110,7 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
-        b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
+        b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+        grad_clip_norm=1.0,  # global-norm gradient clipping; 0 (or None) = no clipping (MAE)
         # Regexes over '/'-joined param paths (full match) that get no updates and no optimizer state, e.g.
         # ("image/.*",) to lock an image tower loaded with init_from (LiT).
         freeze=(),
@@ -303,6 +308,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= config.optim.warmup_steps < config.total_steps,
            f"optim.warmup_steps={config.optim.warmup_steps} must be in [0, total_steps={config.total_steps})")
     _check(config.optim.weight_decay >= 0, f"optim.weight_decay={config.optim.weight_decay} must be >= 0")
+    clip = config.optim.grad_clip_norm
+    _check(clip is None or (isinstance(clip, (int, float)) and clip >= 0),
+           f"optim.grad_clip_norm={clip!r} must be >= 0 (0 or None: no clipping)")
     for pattern in config.optim.freeze:
         try:
             re.compile(pattern)
@@ -407,8 +415,13 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
     _check(mim.decoder_width % mim.decoder_heads == 0 and mim.decoder_width % 4 == 0,
            f"mim.decoder_width={mim.decoder_width} must be divisible by 4 and by mim.decoder_heads="
            f"{mim.decoder_heads}")
-    _check(not mim.teacher_workdir or Path(mim.teacher_workdir).is_dir(),
-           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir")
+    # A started EVA run keeps its teacher (config.json: mim.teacher_config, params: its checkpoints): the teacher
+    # workdir may be gone when it resumes, or is evaluated or exported.
+    _check(not mim.teacher_workdir or mim.teacher_config or Path(mim.teacher_workdir).is_dir(),
+           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir (an EVA run that "
+           f"has started keeps its teacher: resume it with --config=configs/workdir.py:<its workdir>)")
+    _check(mim.teacher_features in ("aligned", "patch_tokens"),
+           f"mim.teacher_features={mim.teacher_features!r}; valid: ('aligned', 'patch_tokens')")
     for key in ("num_prototypes", "head_hidden", "head_bottleneck", "head_layers"):
         _check(isinstance(distill[key], int) and distill[key] > 0,
                f"distill.{key}={distill[key]!r} must be a positive integer")
@@ -419,7 +432,8 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
     _check(config.tips.contrastive_view in ("masked", "unmasked"),
            f"tips.contrastive_view={config.tips.contrastive_view!r}; valid: ('masked', 'unmasked')")
     if config.objective == "eva":
-        _check(bool(mim.teacher_workdir) and (Path(mim.teacher_workdir) / "config.json").is_file(),
+        _check(bool(mim.teacher_config) or (bool(mim.teacher_workdir)
+                                             and (Path(mim.teacher_workdir) / "config.json").is_file()),
                f"objective='eva' needs mim.teacher_workdir (a vlp workdir with config.json and checkpoints whose "
                f"image tower gives the regression targets, e.g. a configs/clip.py:tiny run); got "
                f"{mim.teacher_workdir!r}")

@@ -78,6 +78,13 @@ class TwoTower(nn.Module):
         num_cls = self.image.get("num_cls_tokens", 1) if self.image.get("pool", "cls") == "cls" else 0
         return tokens[:, num_cls:]
 
+    def aligned_patch_tokens(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> patch tokens in the image-text space [B, N, embed_dim]: the tower's patch tokens
+        after its final LayerNorm (`ln_post`, applied to every token in ViT) through the image projection, as the
+        pooled token is (CLIP's `ln_post(x) @ proj`); not L2-normalised. Without a projection: `patch_tokens`."""
+        tokens = self.patch_tokens(images)
+        return self.image_proj(tokens) if self.image_proj is not None else tokens
+
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         pooled, _ = self.text_tower(tokens)
         if self.text_proj is not None:

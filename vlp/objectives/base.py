@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,6 +48,12 @@ class Objective(abc.ABC):
     def init_extra(self, params: Params) -> Any:
         """The initial extra state (boxed like `init`'s params where it mirrors them); None = none."""
         return None
+
+    def initial_extra(self, params: Params, shardings: Any) -> Any:
+        """The extra state a run starts with, from the params it starts with (fresh or `init_from`'s), placed on
+        `shardings` (the trainer calls it outside jit, under the run's mesh). Default: `init_extra`, jitted; a
+        frozen reference model read from disk (EVA's teacher) overrides it."""
+        return jax.jit(lambda p: nn.unbox(self.init_extra(p)), out_shardings=shardings)(params)
 
     def loss_fn_with_extra(self, params: Params, extra: Any, batch: dict[str, jax.Array],
                            rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:

@@ -1,14 +1,24 @@
 """EVA (Fang et al., 2023): masked feature regression. A ViT with a mask token (BEiT-style block masks) and a linear
-head predicts, for each masked patch, the patch feature of a frozen teacher image tower on the unmasked image;
+head predicts, for each masked patch, the feature of a frozen teacher image tower on the unmasked image;
 loss = -mean cos over the masked patches.
 
-The teacher is any vlp run with patch tokens (e.g. `configs/clip.py:tiny`): `mim.teacher_workdir` names its workdir,
-whose config.json and newest checkpoint give the tower. Its patch grid must equal the student's. The teacher params
-live in TrainState.extra (frozen, never updated, checkpointed with the run so a resume needs no teacher lookup).
+Target space (`mim.teacher_features`): "aligned" (default, EVA's choice: CLIP's image-text aligned space) = the
+teacher's patch tokens, CLS dropped, after its final LayerNorm (`ln_post`) and the image projection `@ proj`
+([B, N, embed_dim], not L2-normalised: the cosine loss does not care); "patch_tokens" = the same tokens before the
+projection ([B, N, width]). The teacher is any vlp run with patch tokens and the same patch grid (e.g.
+`configs/clip.py:tiny`); "aligned" needs a two-tower teacher (clip, siglip, align).
+
+Where the teacher comes from: `mim.teacher_workdir` names its workdir. At the first start its config.json is copied
+into this run's config (`mim.teacher_config`, so it lands in `<workdir>/config.json`), and its newest checkpoint's
+params are restored onto this run's mesh, sharded like the student (`vlp.train.frozen`), into TrainState.extra,
+which is checkpointed with the run. Resuming, evaluating or exporting the run therefore needs only the run's own
+workdir (the config.json holds the teacher's config, the checkpoints its params); the teacher workdir is read only
+when a run starts from step 0.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +33,60 @@ from vlp.objectives import register
 from vlp.objectives.base import Metrics, resolve_compute_dtype
 from vlp.objectives.masked_image import ImageOnlyObjective
 from vlp.objectives.two_tower import image_tower_kwargs
+from vlp.parallel import sharding
+from vlp.train import frozen
+
+# mim.teacher_features -> the teacher objective's method giving [B, N, D] targets from images [B, H, W, 3].
+TEACHER_FEATURES = {"aligned": "encode_aligned_patches", "patch_tokens": "encode_patches"}
 
 
-def load_teacher(workdir: str) -> tuple[Any, Any]:
-    """(teacher objective, host numpy params) of a vlp workdir's newest good checkpoint."""
-    from vlp.train.trainer import build_experiment, restore_params  # the trainer imports objectives
-
-    config = vlp_config.load_json(Path(workdir) / "config.json")
-    with config.unlocked():
-        config.mesh.update(shape=(1, 1, 1), num_devices=1)  # restored on one device, then held as host arrays
-    exp = build_experiment(config)
-    if not hasattr(exp.objective, "encode_patches"):
-        raise ValueError(f"mim.teacher_workdir={workdir!r}: objective {config.objective!r} has no patch tokens")
-    with exp.context():
-        _, params = restore_params(workdir, exp.abstract_state.params)
-    return exp.objective, jax.tree.map(np.asarray, jax.device_get(params))
+def teacher_config(mim: Any) -> Any:
+    """The teacher's resolved config: `mim.teacher_config` (recorded at the run's first start), else
+    `<mim.teacher_workdir>/config.json`."""
+    if mim.teacher_config:
+        return vlp_config.from_dict(json.loads(mim.teacher_config))
+    path = Path(mim.teacher_workdir) / "config.json"
+    if not mim.teacher_workdir or not path.is_file():
+        raise FileNotFoundError(
+            f"objective='eva' needs its teacher's config: mim.teacher_config is empty and mim.teacher_workdir="
+            f"{mim.teacher_workdir!r} has no config.json. A new run needs mim.teacher_workdir (a vlp workdir with "
+            f"config.json and checkpoints, e.g. a configs/clip.py:tiny run); a started run records the teacher's "
+            f"config as mim.teacher_config in its own <workdir>/config.json (resume from that config)")
+    return vlp_config.load_json(path)
 
 
 @register("eva")
 class EvaObjective(ImageOnlyObjective):
-    """loss = -mean_{p in M} cos(W h_p, f_p), f = the frozen teacher's patch tokens of the unmasked image."""
+    """loss = -mean_{p in M} cos(W h_p, f_p), f = the frozen teacher's features of the unmasked image."""
 
     has_extra = True
 
     def __init__(self, config):
         super().__init__(config)
-        self.teacher, self.teacher_params = load_teacher(config.mim.teacher_workdir)
-        teacher_cfg = self.teacher.config
+        mim = config.mim
+        teacher_cfg = teacher_config(mim)
+        self.teacher = frozen.build_objective(teacher_cfg)
+        if not mim.teacher_config:  # recorded in the run's config.json: a resume, eval or export reads it there
+            config.mim.teacher_config = vlp_config.to_json(teacher_cfg)
+        if mim.teacher_features not in TEACHER_FEATURES:
+            raise ValueError(f"invalid config: mim.teacher_features={mim.teacher_features!r}; valid: "
+                             f"{tuple(TEACHER_FEATURES)}")
+        method = TEACHER_FEATURES[mim.teacher_features]
+        if not hasattr(self.teacher, method):
+            raise ValueError(f"invalid config: mim.teacher_features={mim.teacher_features!r} needs a teacher with "
+                             f"{method}; the teacher's objective {teacher_cfg.objective!r} has none (use a clip, "
+                             f"siglip or align teacher, or mim.teacher_features='patch_tokens')")
+        self.teacher_features = getattr(self.teacher, method)
         self.teacher_image = image_tower_kwargs(teacher_cfg.model)
         teacher_grid = teacher_cfg.data.image_size // self.teacher_image["patch_size"]
         if teacher_cfg.data.image_size != config.data.image_size or teacher_grid != self.grid[0]:
-            raise ValueError(f"invalid config: the teacher in mim.teacher_workdir={config.mim.teacher_workdir!r} "
+            raise ValueError(f"invalid config: the teacher in mim.teacher_workdir={mim.teacher_workdir!r} "
                              f"reads {teacher_cfg.data.image_size} px images as a {teacher_grid}x{teacher_grid} "
                              f"patch grid, the student {config.data.image_size} px as {self.grid[0]}x{self.grid[1]}; "
                              f"use the teacher's data.image_size and a patch size giving the same grid")
-        features = self.teacher.encode_patches(self.teacher_params, np.zeros((1, *self.image_shape), np.float32))
+        self._teacher_shapes = jax.eval_shape(self.teacher.init, jax.random.key(0))  # boxed: logical names
+        features = jax.eval_shape(self.teacher_features, sharding.strip_boxes(self._teacher_shapes),
+                                  np.zeros((1, *self.image_shape), np.float32))
         self.model = SimMim(self.image_kwargs, out_dim=int(features.shape[-1]),
                             dtype=resolve_compute_dtype(config.precision.compute_dtype))
 
@@ -71,18 +100,35 @@ class EvaObjective(ImageOnlyObjective):
         return self.model.init(rng, batch["image"], batch["mim_mask"])["params"]
 
     def init_extra(self, params: Any) -> Any:
-        return {"teacher": jax.tree.map(np.asarray, self.teacher_params)}
+        """A stand-in of the teacher's shapes and logical names (so it is sharded like the student); the trainer
+        replaces it with the teacher's checkpoint through `initial_extra` before the first step."""
+        return {"teacher": self.teacher.init(jax.random.key(0))}
+
+    def initial_extra(self, params: Any, shardings: Any) -> Any:
+        """The teacher's newest checkpoint params from `mim.teacher_workdir`, restored onto `shardings`."""
+        workdir = self.config.mim.teacher_workdir
+        if not workdir or not Path(workdir).is_dir():
+            raise FileNotFoundError(
+                f"objective='eva' starts from step 0 and needs its teacher's params: mim.teacher_workdir={workdir!r} "
+                f"is not a directory; give the vlp workdir of the teacher run (a resumed run reads the teacher "
+                f"from its own checkpoints instead)")
+        abstract = frozen.with_shardings(sharding.strip_boxes(self._teacher_shapes), shardings["teacher"])
+        _, teacher = frozen.restore_params(workdir, abstract)
+        return {"teacher": teacher}
 
     def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
         raise NotImplementedError("EVA's loss reads the frozen teacher in TrainState.extra: the trainer calls "
                                   "loss_fn_with_extra")
 
+    def targets(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] -> the teacher's `mim.teacher_features` [B, N, D] (no gradient to the teacher)."""
+        return jax.lax.stop_gradient(self.teacher_features(jax.lax.stop_gradient(teacher_params), images))
+
     def loss_fn_with_extra(self, params: Any, extra: Any, batch: dict[str, jax.Array], rng: jax.Array,
                            step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:
         del rng, step
         pred = self.model.apply({"params": params}, batch["image"], batch["mim_mask"])
-        target = self.teacher.encode_patches(jax.lax.stop_gradient(extra["teacher"]), batch["image"])
-        loss = eva_cosine(pred, target, batch["mim_mask"])
+        loss = eva_cosine(pred, self.targets(extra["teacher"], batch["image"]), batch["mim_mask"])
         return loss, ({"loss_feature_cosine": loss}, None)
 
     def update_extra(self, extra: Any, params: Any, aux: Any, step: jax.Array) -> Any:

@@ -115,6 +115,11 @@ class TwoTowerObjective(Objective):
         """images [B, H, W, 3] -> frozen patch tokens [B, N, width] (for the dense probe)."""
         return self.model.apply({"params": params}, images, method=TwoTower.patch_tokens)
 
+    def encode_aligned_patches(self, params: Any, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] -> patch tokens in the image-text space [B, N, D] (ln_post, then the image
+        projection; not normalised): EVA's regression targets."""
+        return self.model.apply({"params": params}, images, method=TwoTower.aligned_patch_tokens)
+
     def encode_text(self, params: Any, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] -> L2-normalised [B, D]."""
         return self.model.apply({"params": params}, tokens, method=TwoTower.encode_text)

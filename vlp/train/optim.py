@@ -28,12 +28,21 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
+# Params that may have 2+ dimensions but are not weights (big_vision / timm `no_weight_decay`): biases (a fused
+# qkv bias is [3, heads, head_dim]), norm scales, learned tokens (CLS, mask, the MAP head's probe query) and
+# position embeddings.
+NO_DECAY_NAMES = ("bias", "scale", "cls_token", "mask_token", "probe", "pos_embed")
+
+
 def decay_mask(params: Any) -> Any:
-    """Weight decay on tensors of rank >= 2 only (as open_clip): not on biases, norm scales or the temperature.
+    """Weight decay on matrices and conv kernels (linear kernels, the patch embedding, token embedding tables, DINO
+    prototypes); none on 1-D/scalar params (biases, LayerNorm scales, logit scale and bias) and none on the tokens
+    and position embeddings of NO_DECAY_NAMES (as big_vision and timm).
 
     Works on boxed (nn.Partitioned) and plain trees alike, so optimizer-state shardings follow the params'.
     """
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and param_path(path).rsplit("/", 1)[-1] not in NO_DECAY_NAMES, params)
 
 
 def param_path(path: tuple) -> str:

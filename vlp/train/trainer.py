@@ -236,6 +236,9 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
     elif source.path:
         state = state.replace(params=load_init_params(config, exp.objective, exp.abstract_state.params))
         say(f"initialised params from {source.path} ({source.format}); optimizer state and step start afresh")
+    if exp.objective.has_extra:  # from the params actually used (an EMA teacher of init_from's), or from disk
+        with exp.context():
+            state = state.replace(extra=exp.objective.initial_extra(state.params, exp.state_shardings.extra))
     return 0, state
 
 
