@@ -1,0 +1,161 @@
+"""Restore under faults: a transient read error is retried, and if it persists stops the run without moving any
+checkpoint; real damage (classified from what orbax / tensorstore really raise) falls back to the previous step;
+two processes agree on one step when only one of them cannot read the newest; fresh_start begins a new data stream."""
+
+import errno
+import json
+import shutil
+
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_config
+from test_distributed import LAUNCHER, TINY_TRAIN_ARGS, clean_env, compile_cache, run, train_losses  # noqa: F401
+
+from vlp.train.checkpoint import Checkpointer, is_damage
+from vlp.train.metrics import read_jsonl
+from vlp.train.trainer import build_experiment, train_and_evaluate
+
+
+def config(**updates):
+    return tiny_config(**{"checkpoint_every": 4, "keep_checkpoints": 3, "evals.zeroshot.num_examples": 32,
+                          "evals.retrieval.num_examples": 32, **updates})
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """8 steps with checkpoints 4 and 8; copied by each test that changes it."""
+    workdir = tmp_path_factory.mktemp("finished")
+    train_and_evaluate(config(), workdir)
+    return workdir
+
+
+def copy_run(source, target):
+    shutil.copytree(source / "checkpoints", target / "checkpoints")
+    return target
+
+
+def step_dirs(workdir):
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+# What a damaged step looks like on disk; each is what a crash, a bad disk or a stray edit leaves behind.
+def truncate_arrays(step_dir):
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and "/d/" in str(path):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def delete_arrays(step_dir):
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and "/d/" in str(path):
+            path.unlink()
+
+
+def garble_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").write_text("{garbled")
+
+
+def garble_data_position(step_dir):
+    (step_dir / "data" / "process_0-of-1.json").write_text("{garbled")
+
+
+def delete_data_position(step_dir):
+    (step_dir / "data" / "process_0-of-1.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [truncate_arrays, delete_arrays, garble_metadata, garble_data_position,
+                                    delete_data_position])
+def test_real_damage_is_classified_as_damage(tmp_path, finished_run, damage):
+    damage(copy_run(finished_run, tmp_path) / "checkpoints" / "8")
+    checkpointer = Checkpointer(tmp_path / "checkpoints", max_to_keep=3, async_save=False, read_attempts=1)
+    try:
+        state, error = checkpointer._read(8, build_experiment(config()).abstract_state, with_data=True)
+    finally:
+        checkpointer.close()
+    assert state is None and error is not None
+    assert is_damage(error), f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.parametrize("error, damage", [
+    (OSError(errno.EIO, "Input/output error"), False),
+    (OSError(errno.ETIMEDOUT, "Connection timed out"), False),
+    (TimeoutError("read timed out"), False),
+    (MemoryError(), False),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB"), False),
+    # tensorstore's form of a failed system call: the errno decides (EIO -> absl UNKNOWN, ENOENT -> NOT_FOUND)
+    (ValueError('UNKNOWN: Error reading "params.w/.zarray" [OS error 5: Input/output error]'), False),
+    (ValueError('UNAVAILABLE: Error reading "gs://bucket/ckpt/8/state/manifest.ocdbt": HTTP 503'), False),
+    (ValueError('NOT_FOUND: Error reading "params.w/.zarray" [OS error 2: ENOENT No such file or directory]'), True),
+    (ValueError('DATA_LOSS: Error decoding manifest: Encoded length (0) is less than minimum length (16)'), True),
+    (json.JSONDecodeError("Expecting value", "{garbled", 1), True),
+    (KeyError('Item "state" was not found in the checkpoint'), True),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), True),
+])
+def test_transient_errors_are_not_damage(error, damage):
+    assert is_damage(error) is damage
+
+
+@pytest.fixture
+def eio_reads(monkeypatch):
+    """Makes the next `count[0]` reads of a checkpoint's state fail with EIO, as a flaky mount does."""
+    real = ocp.StandardCheckpointHandler.restore
+    failures = [0]
+
+    def flaky(self, *args, **kwargs):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", flaky)
+    return failures
+
+
+def test_transient_read_error_is_retried_and_restores_the_newest(tmp_path, finished_run, eio_reads):
+    copy_run(finished_run, tmp_path)
+    eio_reads[0] = 1
+    final = train_and_evaluate(config(), tmp_path)
+    assert eio_reads[0] == 0  # the failure did happen
+    assert final["resumed_from_step"] == 8
+    assert step_dirs(tmp_path) == ["4", "8"]  # nothing moved to .corrupt
+
+
+def test_persistent_transient_error_stops_and_moves_nothing(tmp_path, finished_run, eio_reads):
+    copy_run(finished_run, tmp_path)
+    eio_reads[0] = 1000
+    with pytest.raises(OSError, match=r"could not read checkpoint step 8 .* after 3 tries: OSError: .*Input/output "
+                                      r"error.*nothing was moved"):
+        # even with fresh_start: an I/O error is not a reason to throw the run's progress away
+        train_and_evaluate(config(on_unrestorable_checkpoint="fresh_start"), tmp_path)
+    assert step_dirs(tmp_path) == ["4", "8"]
+    assert not (tmp_path / "metrics.jsonl").exists()  # it stopped before training
+
+
+def test_fresh_start_after_unreadable_states_begins_the_data_stream_afresh(tmp_path, finished_run):
+    copy_run(finished_run, tmp_path)
+    for step in (4, 8):  # the state arrays are damaged, the data positions are fine
+        truncate_arrays(tmp_path / "checkpoints" / str(step))
+    final = train_and_evaluate(config(on_unrestorable_checkpoint="fresh_start"), tmp_path)
+    assert final["resumed_from_step"] == 0
+    assert losses(tmp_path) == losses(finished_run)  # exactly a run in a new, empty workdir
+    assert step_dirs(tmp_path) == ["4", "4.corrupt", "8", "8.corrupt"]
+
+
+def test_two_processes_agree_on_the_step_only_one_of_them_can_read(tmp_path, compile_cache):  # noqa: F811
+    workdir = tmp_path / "run"
+    env = clean_env(compile_cache, 2)
+    run(["bash", str(LAUNCHER), "2", f"--workdir={workdir}", *TINY_TRAIN_ARGS], env, 240)
+    full = train_losses(workdir)
+    # Only process 1 reads this file (each process saves its own data position): process 0 can read step 6.
+    (workdir / "checkpoints" / "6" / "data" / "process_1-of-2.json").write_text("{garbled")
+    (workdir / "metrics.jsonl").unlink()
+    output = run(["bash", str(LAUNCHER), "2", f"--workdir={workdir}", *TINY_TRAIN_ARGS], env, 240)
+    assert json.loads((workdir / "final_metrics.json").read_text())["resumed_from_step"] == 3, output[-3000:]
+    again = train_losses(workdir)
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[step] == full[step] for step in again), (again, full)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6", "6.corrupt"]
