@@ -72,7 +72,8 @@ def test_real_damage_is_classified_as_damage(tmp_path, finished_run, damage):
     damage(copy_run(finished_run, tmp_path) / "checkpoints" / "8")
     checkpointer = Checkpointer(tmp_path / "checkpoints", max_to_keep=3, async_save=False, read_attempts=1)
     try:
-        state, error = checkpointer._read(8, build_experiment(config()).abstract_state, with_data=True)
+        reader = checkpointer._train_state_reader(build_experiment(config()).abstract_state, with_data=True)
+        state, error = checkpointer._read(8, reader)
     finally:
         checkpointer.close()
     assert state is None and error is not None
@@ -142,3 +143,24 @@ def test_fresh_start_after_unreadable_states_begins_the_data_stream_afresh(tmp_p
     assert final["resumed_from_step"] == 0
     assert losses(tmp_path) == losses(finished_run)  # exactly a run in a new, empty workdir
     assert step_dirs(tmp_path) == ["4", "4.corrupt", "8", "8.corrupt"]
+
+
+def test_init_from_skips_a_damaged_newest_checkpoint_and_leaves_the_source_alone(tmp_path, finished_run):
+    import jax
+    import numpy as np
+
+    from vlp.train.trainer import restore_params
+
+    source = copy_run(finished_run, tmp_path)
+    truncate_arrays(source / "checkpoints" / "8")
+    abstract = build_experiment(config()).abstract_state
+    step, params = restore_params(source, abstract.params)
+    checkpointer = Checkpointer(finished_run / "checkpoints", max_to_keep=3, async_save=False)
+    try:
+        _, expected = checkpointer.restore(abstract, None, 4)
+    finally:
+        checkpointer.close()
+    assert step == 4
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert step_dirs(source) == ["4", "8"]  # another run's workdir: nothing moved

@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -99,7 +99,7 @@ class Checkpointer:
             raise ValueError(f"read_attempts={read_attempts} is not valid: give 1 or more")
         self.directory = Path(directory).absolute()
         self.read_attempts, self.retry_backoff_seconds = read_attempts, retry_backoff_seconds
-        self._state_reader = ocp.StandardCheckpointHandler()
+        self._state_reader, self._params_reader = ocp.StandardCheckpointHandler(), ocp.PyTreeCheckpointHandler()
         self._last_started: int | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -150,40 +150,67 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if data_iterator is not None:
             self._check_process_count(steps[0])
+        step, state, damaged = self._newest_readable(steps, self._train_state_reader(abstract_state,
+                                                                                      data_iterator is not None))
+        if data_iterator is not None:  # only now: a failed restore leaves the iterator where it was
+            grain.checkpoint.CheckpointHandler().restore(
+                self.directory / str(step) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator))
+        self.quarantine(damaged)
+        return step, state
+
+    def restore_params(self, abstract_params: Any) -> tuple[int, Any]:
+        """(step, params) of the newest checkpoint every process can read, onto the shapes and shardings of
+        `abstract_params`. Damaged steps are skipped, never moved: this directory may belong to another run."""
+        steps = list(reversed(self.all_steps()))
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        tree = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=tree, partial_restore=True, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), tree))
+        step, restored, _ = self._newest_readable(steps, lambda path: self._params_reader.restore(
+            path / "state", args=args))
+        return step, restored["params"]
+
+    def _train_state_reader(self, abstract_state: Any, with_data: bool) -> Callable[[Path], Any]:
+        def read(path: Path) -> Any:
+            state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+            if with_data:  # this process's position; it is applied to the iterator after the agreement
+                json.loads((path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+                           .read_text())
+            return state
+
+        return read
+
+    def _newest_readable(self, steps: list[int], read: Callable[[Path], Any]) -> tuple[int, Any, list[int]]:
+        """(step, what `read` gave, the damaged newer steps) for the first of `steps` that every process read.
+
+        Handlers are called directly, not through the manager, whose restore ends in a cross-process barrier that
+        a process with a failed read would never reach; the outcome exchange is the only collective here.
+        """
         errors, damaged = [], []
         for candidate in steps:
-            state, error = self._read(candidate, abstract_state, data_iterator is not None)
+            value, error = self._read(candidate, read)
             outcome = _OK if error is None else _DAMAGED if is_damage(error) else _TRANSIENT
             outcomes = self._all_processes(outcome)
             if (outcomes == _TRANSIENT).any():
                 raise self._read_error(candidate, error, np.flatnonzero(outcomes == _TRANSIENT).tolist(), damaged)
-            if (outcomes == _DAMAGED).any():
-                who = np.flatnonzero(outcomes == _DAMAGED).tolist()
-                why = (f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error is not None else
-                       f"damaged on process(es) {who}")
-                log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous one",
-                            candidate, self.directory, why)
-                errors.append(f"step {candidate}: {why}")
-                damaged.append(candidate)
-                continue
-            if data_iterator is not None:  # only now: a failed restore leaves the iterator where it was
-                grain.checkpoint.CheckpointHandler().restore(
-                    self.directory / str(candidate) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator))
-            self.quarantine(damaged)
-            return candidate, state
+            if not (outcomes == _DAMAGED).any():
+                return candidate, value, damaged
+            why = (f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error is not None else
+                   f"damaged on process(es) {np.flatnonzero(outcomes == _DAMAGED).tolist()}")
+            log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous one",
+                        candidate, self.directory, why)
+            errors.append(f"step {candidate}: {why}")
+            damaged.append(candidate)
         raise UnrestorableCheckpointError(f"no restorable checkpoint in {self.directory}: " + "; ".join(errors),
                                           damaged)
 
-    def _read(self, step: int, abstract_state: Any, with_data: bool) -> tuple[Any, Exception | None]:
-        """(state, None), or (None, the error) after `read_attempts` tries; damage is not retried."""
+    def _read(self, step: int, read: Callable[[Path], Any]) -> tuple[Any, Exception | None]:
+        """(read(step dir), None), or (None, the error) after `read_attempts` tries; damage is not retried."""
         path = self.directory / str(step)
         for attempt in range(1, self.read_attempts + 1):
             try:
-                state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
-                if with_data:  # this process's position; it is applied to the iterator after the agreement
-                    json.loads((path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-                               .read_text())
-                return state, None
+                return read(path), None
             except Exception as e:  # noqa: BLE001 - classified by is_damage
                 if is_damage(e) or attempt == self.read_attempts:
                     return None, e
@@ -240,16 +267,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices("vlp checkpoint quarantine")
         self.manager.reload()
 
-    def restore_params(self, abstract_params: Any) -> tuple[int, Any]:
-        """(step, params) of the newest checkpoint, onto the shapes and shardings of `abstract_params`."""
-        step = self.latest_step()
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
-                                         restore_args=jax.tree.map(
-                                             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                             {"params": abstract_params}))))
-        return step, restored["state"]["params"]
-
     def wait(self) -> None:
         """Blocks until pending async saves are written; raises CheckpointWriteError if one failed."""
         try:
@@ -261,3 +278,4 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
         self._state_reader.close()
+        self._params_reader.close()
