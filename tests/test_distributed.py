@@ -133,6 +133,20 @@ def test_two_process_run_resumes_from_its_mid_checkpoint(tmp_path, compile_cache
     assert all(again[step] == full[step] for step in again), (again, full)
 
 
+
+def test_processes_agree_on_the_newest_step_every_one_can_read(tmp_path, compile_cache, two_process_run):
+    resumed = tmp_path / "resumed"
+    for step in ("3", "6"):
+        shutil.copytree(two_process_run / "checkpoints" / step, resumed / "checkpoints" / step)
+    # Only process 1 reads this file (each process saves its own data position): process 0 alone could resume at 6.
+    (resumed / "checkpoints" / "6" / "data" / "process_1-of-2.json").write_text("{garbled")
+    run(["bash", str(LAUNCHER), "2", f"--workdir={resumed}", *TINY_TRAIN_ARGS], clean_env(compile_cache, 2), 180)
+    assert json.loads((resumed / "final_metrics.json").read_text())["resumed_from_step"] == 3
+    full, again = train_losses(two_process_run), train_losses(resumed)
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[step] == full[step] for step in again), (again, full)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["3", "6", "6.corrupt"]
+
 def test_sharded_losses_in_two_processes_equal_the_single_device_reference(tmp_path, compile_cache):
     procs = start_workers("losses", clean_env(compile_cache, 2), tmp_path)
     try:

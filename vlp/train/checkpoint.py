@@ -1,19 +1,43 @@
 """Checkpoints through orbax's CheckpointManager: the TrainState and the grain iterator position, saved together.
 
-Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when complete). Restore
-takes the newest step that deserialises; a damaged one is reported, moved aside to `<step>.corrupt` (kept for
-inspection, and so that training can write that step again) and the previous one is tried.
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when complete).
+
+Restore takes the newest step that every process can read, by this rule:
+- Each process reads the step's state arrays and its own data-iterator position; a failed read is retried
+  (`read_attempts` tries in all, waiting `retry_backoff_seconds` x 1, 2, 4, ... between them).
+- A failure is *damage* when it says the bytes on disk are missing or wrong: a missing file or item
+  (FileNotFoundError, KeyError), JSON that does not parse, array data that does not decode or a tree that does not
+  match the run's state (ValueError; tensorstore reports these as DATA_LOSS / NOT_FOUND / INVALID_ARGUMENT /
+  OUT_OF_RANGE / FAILED_PRECONDITION). Damage is not retried. Measured with orbax 0.12 / tensorstore: a truncated
+  array file gives ValueError OUT_OF_RANGE or DATA_LOSS, a deleted one NOT_FOUND, a garbled _METADATA or data-position
+  file json.JSONDecodeError, a deleted data-position file ValueError, a missing item directory KeyError.
+- Anything else is *transient* (an I/O error such as EIO, ETIMEDOUT or ENOSPC, out of memory, a tensorstore
+  UNKNOWN / UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED status or any "[OS error N" other than ENOENT,
+  an unknown exception): after the last try the restore stops with CheckpointReadError, which names the step and
+  the error, and nothing is moved.
+- The processes exchange their outcome per step (one small all-gather) and act on it together: all restore the same
+  step; if any process hit a transient error, all stop; if any found damage, all try the previous step. Only after
+  a good step is agreed does process 0 move the damaged newer steps aside to `<step>.corrupt` (kept for inspection,
+  and so that training can write that step again), and only then is the data iterator moved to the saved position:
+  a restore that fails leaves the iterator where it was. If no step is readable, UnrestorableCheckpointError lists
+  the damaged steps and nothing is moved (`quarantine` moves them when the caller starts afresh).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +46,62 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, I/O error); the checkpoints already on disk are untouched."""
 
 
+class CheckpointReadError(OSError):
+    """A checkpoint could not be read for a reason other than damage (I/O error, out of memory) even after retries;
+    nothing was moved, so a later restart can read it once the cause is gone."""
+
+
+class UnrestorableCheckpointError(RuntimeError):
+    """Every candidate checkpoint is damaged (on at least one process); `damaged_steps` lists them, newest first."""
+
+    def __init__(self, message: str, damaged_steps: list[int]):
+        super().__init__(message)
+        self.damaged_steps = damaged_steps
+
+
+# tensorstore (and XLA) errors start with an absl status code; these mean the stored bytes are missing or wrong.
+_DAMAGE_STATUS = ("DATA_LOSS", "NOT_FOUND", "INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION",
+                  "ALREADY_EXISTS", "UNIMPLEMENTED")
+_ABSL_CODES = _DAMAGE_STATUS + ("UNKNOWN", "INTERNAL", "ABORTED", "CANCELLED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                                 "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
+_STATUS = re.compile(r"^([A-Z_]+): ")
+_OS_ERROR = re.compile(r"\[OS error (\d+)")
+
+
+def is_damage(error: BaseException) -> bool:
+    """True if `error` (raised while reading a checkpoint) says its files are missing or corrupt; False for
+    transient causes (I/O errors, out of memory, unknown errors), which are retried and never quarantined."""
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if isinstance(error, (OSError, MemoryError)):  # EIO, ETIMEDOUT, ENOSPC, EACCES, a dropped connection, ...
+        return False
+    if not isinstance(error, (ValueError, KeyError, TypeError)):
+        return False
+    if error.__cause__ is not None and not is_damage(error.__cause__):  # e.g. an I/O error re-raised as ValueError
+        return False
+    message = str(error)
+    os_error = _OS_ERROR.search(message)  # tensorstore wraps the errno of a failed system call
+    if os_error:
+        return int(os_error.group(1)) == errno.ENOENT
+    status = _STATUS.match(message)
+    if status and status.group(1) in _ABSL_CODES:
+        return status.group(1) in _DAMAGE_STATUS
+    return True  # JSON that does not parse, a missing item, a tree or shape that does not match
+
+
+_OK, _DAMAGED, _TRANSIENT = 0, 1, 2
+
+
 class Checkpointer:
     """Items per step: `state` (TrainState, sharded arrays) and `data` (the grain iterator state)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True, read_attempts: int = 3,
+                 retry_backoff_seconds: float = 1.0):
+        if read_attempts < 1:
+            raise ValueError(f"read_attempts={read_attempts} is not valid: give 1 or more")
         self.directory = Path(directory).absolute()
+        self.read_attempts, self.retry_backoff_seconds = read_attempts, retry_backoff_seconds
+        self._state_reader, self._params_reader = ocp.StandardCheckpointHandler(), ocp.PyTreeCheckpointHandler()
         self._last_started: int | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -67,31 +142,104 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None,
                 step: int | None = None) -> tuple[int, Any]:
-        """Restores `step` (default: the newest good one) into shardings of `abstract_state`.
+        """Restores `step` (default: the newest step every process can read) into shardings of `abstract_state`.
 
-        `data_iterator` (if given) is moved to the saved position in place. Returns (step, state).
+        `data_iterator` (if given) is moved to the saved position in place, only once a step is agreed. Returns
+        (step, state). Raises CheckpointReadError (transient, nothing moved) or UnrestorableCheckpointError.
         """
         steps = [step] if step is not None else list(reversed(self.all_steps()))
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if data_iterator is not None:
             self._check_process_count(steps[0])
-        errors, failed = [], []
+        step, state, damaged = self._newest_readable(steps, self._train_state_reader(abstract_state,
+                                                                                      data_iterator is not None))
+        if data_iterator is not None:  # only now: a failed restore leaves the iterator where it was
+            grain.checkpoint.CheckpointHandler().restore(
+                self.directory / str(step) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator))
+        self.quarantine(damaged)
+        return step, state
+
+    def restore_params(self, abstract_params: Any) -> tuple[int, Any]:
+        """(step, params) of the newest checkpoint every process can read, onto the shapes and shardings of
+        `abstract_params`. Damaged steps are skipped, never moved: this directory may belong to another run."""
+        steps = list(reversed(self.all_steps()))
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        tree = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(item=tree, partial_restore=True, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), tree))
+        step, restored, _ = self._newest_readable(steps, lambda path: self._params_reader.restore(
+            path / "state", args=args))
+        return step, restored["params"]
+
+    def _train_state_reader(self, abstract_state: Any, with_data: bool) -> Callable[[Path], Any]:
+        def read(path: Path) -> Any:
+            state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+            if with_data:  # this process's position; it is applied to the iterator after the agreement
+                json.loads((path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+                           .read_text())
+            return state
+
+        return read
+
+    def _newest_readable(self, steps: list[int], read: Callable[[Path], Any]) -> tuple[int, Any, list[int]]:
+        """(step, what `read` gave, the damaged newer steps) for the first of `steps` that every process read.
+
+        Handlers are called directly, not through the manager, whose restore ends in a cross-process barrier that
+        a process with a failed read would never reach; the outcome exchange is the only collective here.
+        """
+        errors, damaged = [], []
         for candidate in steps:
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            value, error = self._read(candidate, read)
+            outcome = _OK if error is None else _DAMAGED if is_damage(error) else _TRANSIENT
+            outcomes = self._all_processes(outcome)
+            if (outcomes == _TRANSIENT).any():
+                raise self._read_error(candidate, error, np.flatnonzero(outcomes == _TRANSIENT).tolist(), damaged)
+            if not (outcomes == _DAMAGED).any():
+                return candidate, value, damaged
+            why = (f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error is not None else
+                   f"damaged on process(es) {np.flatnonzero(outcomes == _DAMAGED).tolist()}")
+            log.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous one",
+                        candidate, self.directory, why)
+            errors.append(f"step {candidate}: {why}")
+            damaged.append(candidate)
+        raise UnrestorableCheckpointError(f"no restorable checkpoint in {self.directory}: " + "; ".join(errors),
+                                          damaged)
+
+    def _read(self, step: int, read: Callable[[Path], Any]) -> tuple[Any, Exception | None]:
+        """(read(step dir), None), or (None, the error) after `read_attempts` tries; damage is not retried."""
+        path = self.directory / str(step)
+        for attempt in range(1, self.read_attempts + 1):
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
-                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
-                            candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
-                errors.append(f"step {candidate}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                failed.append(candidate)
-                continue
-            self._quarantine(failed)
-            return candidate, restored["state"]
-        raise RuntimeError(f"no restorable checkpoint in {self.directory}: " + "; ".join(errors))
+                return read(path), None
+            except Exception as e:  # noqa: BLE001 - classified by is_damage
+                if is_damage(e) or attempt == self.read_attempts:
+                    return None, e
+                wait_seconds = self.retry_backoff_seconds * 2 ** (attempt - 1)
+                log.warning("reading checkpoint step %d in %s failed (%s: %s); try %d of %d in %.1f s", step,
+                            self.directory, type(e).__name__, str(e).splitlines()[0][:300], attempt + 1,
+                            self.read_attempts, wait_seconds)
+                time.sleep(wait_seconds)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _all_processes(outcome: int) -> np.ndarray:
+        """Every process's outcome for the same step, indexed by process."""
+        if jax.process_count() == 1:
+            return np.array([outcome])
+        return np.asarray(multihost_utils.process_allgather(np.array([outcome], np.int32))).reshape(-1)
+
+    def _read_error(self, step: int, error: Exception | None, processes: list[int],
+                    damaged: list[int]) -> CheckpointReadError:
+        what = (f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error is not None else
+                f"a transient error on process(es) {processes} (see their logs)")
+        also = f"; steps {damaged} looked damaged" if damaged else ""
+        return CheckpointReadError(
+            getattr(error, "errno", None) or errno.EIO,
+            f"could not read checkpoint step {step} in {self.directory} after {self.read_attempts} tries: {what}. "
+            f"This is not damage (an I/O error, out of memory, ...), so nothing was moved{also}; fix the cause and "
+            f"restart to resume from it")
 
     def _check_process_count(self, step: int) -> None:
         """Each process saves its own data-iterator position; another process count cannot map them (and that is
@@ -105,10 +253,11 @@ class Checkpointer:
                 f"cannot continue. Resume with the same process count (the device count and mesh may differ), or "
                 f"start a new run from these params with init_from.path={str(self.directory.parent)!r}")
 
-    def _quarantine(self, steps: list[int]) -> None:
-        if not steps or jax.process_index() != 0:
+    def quarantine(self, steps: list[int]) -> None:
+        """Process 0 moves these (damaged) steps aside to `<step>.corrupt`; every process then sees them gone."""
+        if not steps:
             return
-        for step in steps:
+        for step in steps if jax.process_index() == 0 else ():
             path = self.directory / str(step)
             target = path.with_name(f"{step}.corrupt")
             suffix = 1
@@ -116,17 +265,9 @@ class Checkpointer:
                 target, suffix = path.with_name(f"{step}.corrupt{suffix}"), suffix + 1
             path.rename(target)
             log.warning("moved unreadable checkpoint %s to %s", path, target)
+        if jax.process_count() > 1:  # the others list the steps only after process 0 has moved them
+            multihost_utils.sync_global_devices("vlp checkpoint quarantine")
         self.manager.reload()
-
-    def restore_params(self, abstract_params: Any) -> tuple[int, Any]:
-        """(step, params) of the newest checkpoint, onto the shapes and shardings of `abstract_params`."""
-        step = self.latest_step()
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
-                                         restore_args=jax.tree.map(
-                                             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                             {"params": abstract_params}))))
-        return step, restored["state"]["params"]
 
     def wait(self) -> None:
         """Blocks until pending async saves are written; raises CheckpointWriteError if one failed."""
@@ -138,3 +279,5 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._state_reader.close()
+        self._params_reader.close()

@@ -27,7 +27,7 @@ from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
 from vlp.train import accumulation, evaluation
-from vlp.train.checkpoint import Checkpointer, CheckpointWriteError
+from vlp.train.checkpoint import Checkpointer, CheckpointWriteError, UnrestorableCheckpointError
 from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
@@ -215,17 +215,20 @@ class _Throughput:
 
 def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) -> tuple[int, TrainState]:
     """The workdir's newest good checkpoint (params, optimizer, step, data position); else `init_from`'s params or
-    a fresh init. A workdir whose checkpoints are all unreadable is an error unless the config allows a restart."""
+    a fresh init. A workdir whose checkpoints are all damaged is an error unless the config allows a restart, which
+    then begins at the start of the data stream like a new workdir."""
     config = exp.config
     if checkpointer.latest_step() is not None:
         try:
             step, state = checkpointer.restore(exp.abstract_state, data_iter)
             say(f"resumed from checkpoint step {step}")
             return step, state
-        except RuntimeError:
+        except UnrestorableCheckpointError as e:  # damage only: a transient read error stops the run instead
             if config.on_unrestorable_checkpoint != "fresh_start":
                 raise
-            say("no checkpoint in the workdir can be restored; starting afresh (on_unrestorable_checkpoint="
+            # Moved aside so the fresh run can write those steps again; the data iterator was never moved.
+            checkpointer.quarantine(e.damaged_steps)
+            say(f"no checkpoint in the workdir can be restored ({e}); starting afresh (on_unrestorable_checkpoint="
                 "'fresh_start')")
     state = exp.init_state()
     source = config.init_from
