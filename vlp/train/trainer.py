@@ -28,6 +28,7 @@ from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
 from vlp.train import accumulation, evaluation
 from vlp.train.checkpoint import Checkpointer, CheckpointWriteError, UnrestorableCheckpointError
+from vlp.train.frozen import restore_params
 from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
@@ -243,25 +244,6 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
         with exp.context():
             state = state.replace(extra=exp.objective.initial_extra(state.params, exp.state_shardings.extra))
     return 0, state
-
-
-def restore_params(source: str | Path, abstract_params: Any) -> tuple[int, Any]:
-    """Params of a vlp workdir's (or checkpoints directory's) newest good checkpoint, onto `abstract_params`'
-    shapes and shardings (so they may come from another mesh). Optimizer state and data position are ignored."""
-    directory = Path(source)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"init_from={str(source)!r}: no such directory; give a vlp workdir or its "
-                                f"checkpoints/ directory")
-    checkpointer = Checkpointer(directory, max_to_keep=1000, async_save=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"init_from={str(source)!r}: no checkpoint in {directory}")
-        return checkpointer.restore_params(abstract_params)
-    finally:
-        checkpointer.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
