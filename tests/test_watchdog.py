@@ -32,7 +32,7 @@ def test_limit_is_factor_times_the_median_after_warmup_with_a_floor():
     assert timer.limit()[0] == pytest.approx(2.0)
     assert timer.overdue(now + 1.99) is None
     message = timer.overdue(now + 2.5)
-    assert message.startswith("step 7 has not finished after 2.5 s (the last finished step is 6; limit 2.0 s = "
+    assert message.startswith("step 9 has not finished after 2.5 s (the last finished step is 8; limit 2.0 s = "
                                "max(10 x median step time 0.200 s over the last 5 steps")
     assert f"exiting with code {HUNG_EXIT_CODE}" in message
     # The floor: a fast median never gives a limit below min_seconds.
