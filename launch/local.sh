@@ -4,7 +4,8 @@
 set -euo pipefail
 usage="usage: $0 CONFIG[:VARIANT] WORKDIR [--config.KEY=VALUE ...]
 Runs python -m vlp.train on this machine; running it again resumes from WORKDIR's newest checkpoint.
-Exit codes: 0 done, 75 preempted (checkpoint saved: run again), 65 non-finite loss, 74 checkpoint write failed."
+Exit codes: 0 done, 75 preempted (checkpoint saved: run again), 76 a step hung (watchdog: run again),
+65 non-finite loss, 74 checkpoint write failed."
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   echo "$usage"
   exit 0

@@ -115,6 +115,11 @@ BAD_CONFIGS = {
     "siglip_without_logit_bias": (
         {"objective": "siglip"}, r"objective 'siglip' learns a logit bias: set model.logit_bias_init \(SigLIP: -10.0"),
     "no_checkpoints_kept": ({"keep_checkpoints": "0"}, r"keep_checkpoints=0 must be a positive integer"),
+    "watchdog_factor_not_above_one": ({"watchdog.factor": "0.5"}, r"watchdog.factor=0.5 must be > 1"),
+    "watchdog_negative_floor": ({"watchdog.min_seconds": "-1"}, r"watchdog.min_seconds=-1.0 must be >= 0"),
+    "watchdog_negative_absolute_limit": (
+        {"watchdog.max_step_seconds": "-5"}, r"watchdog.max_step_seconds=-5.0 must be >= 0 \(0 = no absolute limit"),
+    "watchdog_no_warmup": ({"watchdog.warmup_steps": "0"}, r"watchdog.warmup_steps=0 must be a positive integer"),
 }
 
 

@@ -136,6 +136,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Params that start a fresh run (fine-tuning, LiT): format vlp (a workdir or its checkpoints/; its newest
     # params), safetensors (vlp's export), hf (a CLIPModel / SiglipModel folder) or open_clip (a state dict file).
     c.init_from = dict(format="vlp", path="")
+    # Resuming a workdir whose saved config.json differs in a key that changes the training stream (the list is
+    # vlp.train.workdir.DATA_STREAM_KEYS: batch size, seed, sources, image size, tokenizer, masks, ...) is refused,
+    # because the saved data position is a batch index that the new stream would reinterpret. True: resume anyway.
+    c.allow_data_change = False
+    # A step that takes far longer than usual (a hung peer: gloo/NCCL collectives never time out) stops the process
+    # with exit code 76 (vlp.train.watchdog.HUNG_EXIT_CODE), so the launcher can requeue the job. The limit is
+    # max(factor x the median step time, min_seconds), and max_step_seconds (> 0) caps it; the first step (its
+    # compilation), the next warmup_steps, evals and checkpoint saves are never timed.
+    c.watchdog = dict(enabled=True, factor=10.0, min_seconds=300.0, max_step_seconds=0.0, warmup_steps=5)
 
     c.log_every = 50
     c.eval_every = 500
@@ -346,6 +355,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
            f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
     _check_init_from(config.init_from)
+    _check(isinstance(config.allow_data_change, bool),
+           f"allow_data_change={config.allow_data_change!r}; valid: True or False")
+    _validate_watchdog(config.watchdog)
     image = config.model.image
     patch_size = image.patch_size
     if image.variant:
@@ -399,6 +411,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
             except ValueError as e:
                 raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or set "
                                  f"evals.{name}.class_names, or remove evals.{name})") from e
+
+
+def _validate_watchdog(watchdog: ml_collections.ConfigDict) -> None:
+    _check(isinstance(watchdog.enabled, bool), f"watchdog.enabled={watchdog.enabled!r}; valid: True or False")
+    _check(watchdog.factor > 1, f"watchdog.factor={watchdog.factor} must be > 1 (a multiple of the median step time)")
+    _check(watchdog.min_seconds >= 0, f"watchdog.min_seconds={watchdog.min_seconds} must be >= 0")
+    _check(watchdog.max_step_seconds >= 0,
+           f"watchdog.max_step_seconds={watchdog.max_step_seconds} must be >= 0 (0 = no absolute limit)")
+    _check(isinstance(watchdog.warmup_steps, int) and watchdog.warmup_steps >= 1,
+           f"watchdog.warmup_steps={watchdog.warmup_steps!r} must be a positive integer")
 
 
 def _validate_mim(config: ml_collections.ConfigDict) -> None:

@@ -19,6 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 NONFINITE_EXIT_CODE = 65  # EX_DATAERR: the run diverged (nan_policy='stop')
 CHECKPOINT_WRITE_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (on_checkpoint_error='stop')
+# Also: 75 (vlp.train.preemption.PREEMPTED_EXIT_CODE) preempted, checkpoint saved, requeue; 76
+# (vlp.train.watchdog.HUNG_EXIT_CODE) a step hung (the step watchdog ended the process with os._exit), requeue.
 
 
 def main(argv: list[str]) -> None:

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 # EX_TEMPFAIL from sysexits.h: "try again later"; schedulers' requeue hooks (launch/slurm.sbatch) look for it.
 PREEMPTED_EXIT_CODE = 75
+# The other "requeue me" code: 76 (vlp.train.watchdog.HUNG_EXIT_CODE), a step hung and the watchdog ended the process.
 
 
 class Preempted(Exception):

@@ -6,6 +6,15 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+# Run totals kept in the TrainState, so each checkpoint saves them atomically with the step they belong to and a
+# resumed run reports the whole run's totals (not the last segment's). int32 scalars, replicated.
+COUNTERS = ("skipped_nonfinite_steps", "skipped_bad_records", "rollbacks", "failed_checkpoint_saves")
+
+
+def zero_counters() -> dict[str, jax.Array]:
+    return {name: jnp.zeros((), jnp.int32) for name in COUNTERS}
 
 
 @flax.struct.dataclass
@@ -16,3 +25,6 @@ class TrainState:
     # State the optimizer does not train, updated inside the jitted step by the objective (an EMA teacher, DINO
     # centres); None for objectives without any (their checkpoints hold no extra entries).
     extra: Any = None
+    # {name in COUNTERS: int32 scalar}: the train step adds skipped records and non-finite steps; the loop sets
+    # rollbacks and failed checkpoint saves.
+    counters: Any = None

@@ -33,8 +33,9 @@ from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
 from vlp.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
-from vlp.train.state import TrainState
-from vlp.train.workdir import prepare_workdir, write_run_files
+from vlp.train.state import TrainState, zero_counters
+from vlp.train.watchdog import StepWatchdog
+from vlp.train.workdir import check_resume_config, prepare_workdir, write_run_files
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,7 +82,7 @@ def _init_fn(objective: Objective, optimizer: optax.GradientTransformation) -> C
     def init(rng: jax.Array) -> TrainState:
         params = objective.init(rng)  # boxed: the optimizer state inherits the params' logical names
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          extra=objective.init_extra(params))
+                          extra=objective.init_extra(params), counters=zero_counters())
 
     return init
 
@@ -147,11 +148,14 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         extra = state.extra
         if objective.has_extra:
             extra = keep_if_finite(objective.update_extra(state.extra, params, aux, state.step), state.extra)
+        nonfinite = 1 - finite.astype(jnp.int32)
+        skipped_records = jnp.zeros((), jnp.int32) if skipped is None else skipped.sum().astype(jnp.int32)
+        counters = dict(state.counters, skipped_nonfinite_steps=state.counters["skipped_nonfinite_steps"] + nonfinite,
+                        skipped_bad_records=state.counters["skipped_bad_records"] + skipped_records)
         new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
-                               opt_state=keep_if_finite(opt_state, state.opt_state), extra=extra)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-                       nonfinite=1 - finite.astype(jnp.int32),
-                       skipped_records=jnp.zeros((), jnp.int32) if skipped is None else skipped.sum())
+                               opt_state=keep_if_finite(opt_state, state.opt_state), extra=extra, counters=counters)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step), nonfinite=nonfinite,
+                       skipped_records=skipped_records)
         return new_state, metrics
 
     return train_step
@@ -254,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     workdir = prepare_workdir(workdir)
     exp = build_experiment(config)
+    check_resume_config(workdir, config)  # before config.json is rewritten and before anything is compiled
     write_run_files(workdir, config)
     say(f"objective {config.objective} | mesh {dict(exp.mesh.shape)} on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | batch {config.batch_size} | "
@@ -272,10 +277,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         loop = _Loop(exp, workdir, data_iter, train_step, checkpointer, evaluators, writer)
         loop_start = time.perf_counter()
         with exp.context(), PreemptionWatch() as preemption:
-            state, metrics = loop.run(state, start_step, preemption)
+            with StepWatchdog.from_config(config.watchdog) as watchdog:
+                state, metrics = loop.run(state, start_step, preemption, watchdog)
             train_seconds = time.perf_counter() - loop_start
             if checkpointer.latest_step() != config.total_steps:
-                loop.save(config.total_steps, state, final=True)
+                state = loop.save(config.total_steps, state, final=True)
+            counters = {k: int(v) for k, v in jax.device_get(state.counters).items()}
             results = evaluation.run_evaluators(evaluators, state.params)
             writer.write(config.total_steps, results)
     finally:  # also on errors: finish pending async saves, stop grain workers, flush metrics
@@ -284,10 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             data_iter.close()
         if writer is not None:
             writer.close()
+    # The counters are whole-run totals: restored with the checkpoint, so earlier segments of a resumed run count.
     final = dict(sorted(results.items()), steps=config.total_steps, train_seconds=round(train_seconds, 2),
-                 resumed_from_step=start_step, skipped_nonfinite_steps=loop.skipped_nonfinite_steps,
-                 skipped_bad_records=loop.skipped_bad_records,
-                 rollbacks=loop.rollbacks, failed_checkpoint_saves=loop.failed_saves)
+                 resumed_from_step=start_step, **counters)
     if metrics:
         final["final_loss"] = float(metrics["loss"])
     if jax.process_index() == 0:
@@ -300,26 +306,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 MAX_CONSECUTIVE_ROLLBACKS = 3
 
 
-def _new_interval(metrics: dict, skipped_records: jax.Array) -> dict:
+def _new_interval(metrics: dict) -> dict:
     """The per-log-interval tally on the devices; `first_bad_metrics` is only read when `first_bad_step` >= 0."""
-    return {"nonfinite": jnp.zeros((), jnp.int32), "skipped_records": skipped_records,
-            "first_bad_step": jnp.full((), -1, jnp.int32), "first_bad_metrics": metrics}
+    return {"nonfinite": jnp.zeros((), jnp.int32), "first_bad_step": jnp.full((), -1, jnp.int32),
+            "first_bad_metrics": metrics}
 
 
 @jax.jit
 def _tally_step(tally: dict, step: jax.Array, metrics: dict) -> dict:
-    """One dispatch per step, no host sync: counts non-finite steps and skipped records, and keeps the step number
-    and metrics of the interval's first non-finite step."""
+    """One dispatch per step, no host sync: counts non-finite steps and keeps the step number and metrics of the
+    interval's first non-finite step."""
     is_first = (tally["first_bad_step"] < 0) & (metrics["nonfinite"] > 0)
     keep = lambda new, old: jnp.where(is_first, new, old)  # noqa: E731
     return {"nonfinite": tally["nonfinite"] + metrics["nonfinite"],
-            "skipped_records": tally["skipped_records"] + metrics["skipped_records"],
             "first_bad_step": keep(step, tally["first_bad_step"]),
             "first_bad_metrics": jax.tree.map(keep, metrics, tally["first_bad_metrics"])}
 
 
 class _Loop:
-    """Steps start..total_steps with logging, periodic checkpoints and evals, the nan_policy, and preemption."""
+    """Steps start..total_steps with logging, periodic checkpoints and evals, the nan_policy, and preemption.
+
+    The run's counters (skipped records and non-finite steps, rollbacks, failed saves) live in `TrainState.counters`
+    and so are checkpointed with the step they belong to."""
 
     def __init__(self, exp: Experiment, workdir: Path, data_iter: Any, train_step: Callable,
                  checkpointer: Checkpointer, evaluators: dict, writer: MetricWriter):
@@ -328,32 +336,42 @@ class _Loop:
         self.evaluators, self.writer = evaluators, writer
         self.flops_per_example = exp.objective.train_flops_per_example()
         self.peak = peak_flops_per_device(jax.devices()[0], self.config.hardware.peak_flops_per_device)
-        self.skipped_nonfinite_steps = 0
-        self.skipped_bad_records = 0
-        self.rollbacks = 0
-        self.failed_saves = 0
 
-    def save(self, step: int, state: TrainState, final: bool = False) -> None:
-        """Saves (and for the final or preemption checkpoint waits); an I/O failure follows on_checkpoint_error."""
+    def _set_counters(self, state: TrainState, **values: int) -> TrainState:
+        """`state` with host-side counter values, placed like the jitted step expects them (replicated; the same
+        value on every process)."""
+        shardings = self.exp.state_shardings.counters
+        counters = dict(state.counters)
+        for name, value in values.items():
+            counters[name] = jax.make_array_from_callback((), shardings[name], lambda _, v=value: np.int32(v))
+        return state.replace(counters=counters)
+
+    def save(self, step: int, state: TrainState, final: bool = False) -> TrainState:
+        """Saves (and for the final or preemption checkpoint waits); an I/O failure follows on_checkpoint_error and
+        is counted in the returned state (so the next checkpoint holds it)."""
         try:
             self.checkpointer.save(step, state, self.data_iter, force=final)
             if final:
                 self.checkpointer.wait()
         except CheckpointWriteError as e:
-            self.failed_saves += 1
             latest = self.checkpointer.latest_step()
             kept = f"the newest complete checkpoint is step {latest}" if latest is not None else "no checkpoint yet"
             if final or self.config.on_checkpoint_error == "stop":
                 raise CheckpointWriteError(f"{e}; {kept} (nothing already saved was touched)") from e
             say(f"WARNING: {e}; {kept}; training goes on and tries again at the next checkpoint "
                 f"(on_checkpoint_error='continue')")
+            failed = int(state.counters["failed_checkpoint_saves"]) + 1
+            state = self._set_counters(state, failed_checkpoint_saves=failed)
+        return state
 
-    def run(self, state: TrainState, start_step: int, preemption: PreemptionWatch) -> tuple[TrainState, dict]:
+    def run(self, state: TrainState, start_step: int, preemption: PreemptionWatch,
+            watchdog: StepWatchdog) -> tuple[TrainState, dict]:
         config = self.config
         throughput = _Throughput(config.batch_size, config.total_steps)
         tally = None
         consecutive_rollbacks = 0
         metrics: dict[str, Any] = {}
+        previous_done: jax.Array | None = None
         step = start_step
         while step < config.total_steps:
             data_start = time.perf_counter()
@@ -362,14 +380,22 @@ class _Loop:
             throughput.data_seconds += time.perf_counter() - data_start
             state, metrics = self.train_step(state, batch)
             if tally is None:
-                tally = _new_interval(metrics, jnp.zeros((), jnp.int32))
+                tally = _new_interval(metrics)
             tally = _tally_step(tally, jnp.int32(step + 1), metrics)
             step += 1
             if step == start_step + 1:  # exclude compilation from the first interval's throughput
                 jax.block_until_ready(state)
                 throughput.reset(step)
+                watchdog.finished(step)  # arms the watchdog: compilation is never timed
+            elif previous_done is not None:
+                # Wait for the previous step (this one is already queued, so the device stays busy): the watchdog
+                # sees real step times, and a step stuck in a collective stops the loop here.
+                jax.block_until_ready(previous_done)
+                watchdog.finished(step - 1)
+            previous_done = metrics["nonfinite"]
             if step % config.log_every == 0 or step == config.total_steps:
                 bad = int(tally["nonfinite"])
+                watchdog.finished(step)
                 if bad:
                     bad_step, bad_metrics = int(tally["first_bad_step"]), to_python(tally["first_bad_metrics"])
                     if config.nan_policy == "stop":
@@ -377,38 +403,42 @@ class _Loop:
                         raise NonFiniteLossError(nonfinite_message(bad, step, bad_step, bad_metrics))
                     if config.nan_policy == "rollback":
                         consecutive_rollbacks += 1
-                        state, step = self._rollback(step, bad_step, bad_metrics, consecutive_rollbacks)
-                        tally = _new_interval(metrics, tally["skipped_records"])
+                        with watchdog.paused(lambda: step):
+                            state, step = self._rollback(state, step, bad, bad_step, bad_metrics,
+                                                         consecutive_rollbacks)
+                        tally = _new_interval(metrics)
+                        previous_done = None
                         throughput.reset(step)
                         continue
-                    self.skipped_nonfinite_steps += bad
                 else:
                     consecutive_rollbacks = 0
-                self.skipped_bad_records = int(tally["skipped_records"])
-                tally = _new_interval(metrics, tally["skipped_records"])
-                self._log(step, metrics, throughput)
+                tally = _new_interval(metrics)
+                self._log(step, metrics, state, throughput)
             if preemption.reached(step):
-                self.save(step, state, final=True)
+                with watchdog.paused(lambda: step):
+                    self.save(step, state, final=True)
                 say(f"preemption notice: saved the checkpoint of step {step}; exiting with code "
                     f"{PREEMPTED_EXIT_CODE} (run the same command again to resume)")
                 raise Preempted(step)
             if step % config.checkpoint_every == 0 and step != config.total_steps:
-                self.save(step, state)
+                with watchdog.paused(lambda: step):
+                    state = self.save(step, state)
                 throughput.reset(step)
             if step % config.eval_every == 0 and step != config.total_steps:
-                results = evaluation.run_evaluators(self.evaluators, state.params)
+                with watchdog.paused(lambda: step):
+                    results = evaluation.run_evaluators(self.evaluators, state.params)
                 self.writer.write(step, results)
                 say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
                 throughput.reset(step)
         return state, metrics
 
-    def _log(self, step: int, metrics: dict, throughput: _Throughput) -> None:
+    def _log(self, step: int, metrics: dict, state: TrainState, throughput: _Throughput) -> None:
         logged = to_python(metrics)
         logged.pop("nonfinite", None)
         logged.pop("skipped_records", None)
-        logged["skipped_nonfinite_steps"] = float(self.skipped_nonfinite_steps)
-        logged["skipped_bad_records"] = float(self.skipped_bad_records)
-        logged["rollbacks"] = float(self.rollbacks)
+        counters = to_python(state.counters)
+        logged.update((name, counters[name]) for name in ("skipped_nonfinite_steps", "skipped_bad_records",
+                                                          "rollbacks"))
         if step > throughput.start_step:
             logged.update(throughput.summary(step))
             if self.peak:
@@ -418,21 +448,28 @@ class _Loop:
         say(progress_line(step, self.config.total_steps, logged))
         throughput.reset(step)
 
-    def _rollback(self, step: int, bad_step: int, bad_metrics: dict, consecutive: int) -> tuple[TrainState, int]:
+    def _rollback(self, state: TrainState, step: int, bad: int, bad_step: int, bad_metrics: dict,
+                  consecutive: int) -> tuple[TrainState, int]:
         """Back to the newest checkpoint's TrainState; the data iterator stays where it is, so the batches that
-        led to the non-finite step are skipped rather than replayed."""
+        led to the non-finite step are skipped rather than replayed. The counters go on from `state`'s (records
+        skipped in the abandoned window were still consumed), less the `bad` non-finite steps that the rollback
+        undoes, plus one rollback."""
         latest = self.checkpointer.latest_step()
         if latest is None or consecutive > MAX_CONSECUTIVE_ROLLBACKS:
             why = ("there is no checkpoint to roll back to" if latest is None else
                    f"{MAX_CONSECUTIVE_ROLLBACKS} rollbacks in a row did not help")
             raise NonFiniteLossError(nonfinite_message(1, step, bad_step, bad_metrics) + f"; {why}")
+        counters = {k: int(v) for k, v in jax.device_get(state.counters).items()}
         self.checkpointer.wait()
         restored_step, state = self.checkpointer.restore(self.exp.abstract_state, None, latest)
-        self.rollbacks += 1
+        counters.update(rollbacks=counters["rollbacks"] + 1,
+                        skipped_nonfinite_steps=counters["skipped_nonfinite_steps"] - bad)
+        state = self._set_counters(state, **counters)
+        rollbacks = counters["rollbacks"]
         say(f"WARNING: non-finite loss at step {bad_step}: rolled back to the checkpoint of step {restored_step} "
             f"and skipped the data of steps {restored_step + 1}..{step} (nan_policy='rollback', rollback "
-            f"{self.rollbacks})")
-        self.writer.write(step, {"rollback_to_step": float(restored_step), "rollbacks": float(self.rollbacks)})
+            f"{rollbacks})")
+        self.writer.write(step, {"rollback_to_step": float(restored_step), "rollbacks": float(rollbacks)})
         return state, restored_step
 
     def _dump_nonfinite(self, bad_step: int, bad_metrics: dict, host_batch: dict) -> None:

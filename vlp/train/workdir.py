@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from vlp import config as vlp_config
+
+# Config keys that change which examples the training stream yields, or what each one becomes. A checkpoint saves
+# the data position as a batch index of this stream, so resuming with any of them changed would silently train on
+# other data than the uninterrupted run (or repeat/skip examples). Keys that only change how fast the stream is
+# read (data.worker_count, data.read_threads), how long the run is (total_steps) or the optimisation, logging,
+# evals and checkpoints are not listed: a resume may change them. `objective` and the patch size enter too: the
+# objective's example transform (captions, MIM masks on the patch grid) is part of the stream.
+DATA_STREAM_KEYS = (
+    "objective", "seed", "batch_size",
+    "data.source", "data.mixture", "data.train_split", "data.image_size", "data.random_crop_scale",
+    "data.random_flip", "data.train_caption", "data.synthetic_caption_prob", "data.max_text_len", "data.tokenizer",
+    "mim.mask_kind", "mim.mask_ratio", "mim.min_block", "mim.masked_image_fraction",
+    "model.image.patch_size", "model.image.variant",
+)
+CONFIG_HISTORY = "config_history"  # <workdir>/config_history/<n>_<UTC time>.json: the config of every start
 
 PACKAGES = ("vlp", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece",
             "ml_collections", "tensorboardX", "safetensors")
@@ -65,11 +83,70 @@ def provenance() -> dict:
     }
 
 
+_ABSENT = object()
+
+
+def _dotted(values: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _ABSENT
+        values = values[part]
+    return values
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether `<workdir>/checkpoints` holds a (finished) step directory, i.e. whether this start is a resume."""
+    checkpoints = Path(workdir) / "checkpoints"
+    return checkpoints.is_dir() and any(p.name.isdigit() and p.is_dir() for p in checkpoints.iterdir())
+
+
+def changed_data_keys(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each DATA_STREAM_KEYS entry that differs, compared as JSON values."""
+    new = json.loads(vlp_config.to_json(config))
+    changed = []
+    for key in DATA_STREAM_KEYS:
+        old_value, new_value = _dotted(saved, key), _dotted(new, key)
+        if old_value is not _ABSENT and old_value != new_value:  # absent: a key the saved config predates
+            changed.append((key, old_value, new_value))
+    return changed
+
+
+def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """On a resume (a checkpoint and a saved config.json), refuses a config whose data stream differs from the saved
+    one unless `allow_data_change`; names each changed key with its old and new value. Every process checks, so all
+    of them stop together: process 0 rewrites config.json (write_run_files) only after its own check passed, and
+    then with a config that passes the check too."""
+    saved_path = Path(workdir) / "config.json"
+    if not saved_path.is_file() or not has_checkpoint(workdir):
+        return
+    changed = changed_data_keys(json.loads(saved_path.read_text()), config)
+    if not changed:
+        return
+    listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+    if config.allow_data_change:
+        logging.warning("resuming %s with a changed data stream (allow_data_change=True): %s; the saved data "
+                        "position is reinterpreted in the new stream", workdir, listing)
+        return
+    raise ValueError(
+        f"cannot resume {workdir} with a changed data stream: {listing}. The checkpoint's data position is a batch "
+        f"index of the saved config's stream ({saved_path}); with these changes the run would silently see other "
+        f"examples. Restore the saved value(s), use a new --workdir, or resume anyway with "
+        f"--config.allow_data_change=True")
+
+
 def write_run_files(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Writes config.json and provenance.json (process 0 only)."""
+    """Writes config.json (the newest config), config_history/<n>_<UTC time>.json (one per start, so a resumed run
+    keeps what every segment ran with) and provenance.json (process 0 only)."""
     if jax.process_index() != 0:
         return
-    (workdir / "config.json").write_text(vlp_config.to_json(config))
+    text = vlp_config.to_json(config)
+    history = workdir / CONFIG_HISTORY
+    history.mkdir(exist_ok=True)
+    number = 1 + max((int(p.name.split("_", 1)[0]) for p in history.glob("*_*.json")
+                      if p.name.split("_", 1)[0].isdigit()), default=0)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (history / f"{number:04d}_{stamp}.json").write_text(text)
+    (workdir / "config.json").write_text(text)
     (workdir / "provenance.json").write_text(json.dumps(provenance(), indent=2))
 
 
