@@ -8,7 +8,7 @@ import shutil
 
 import ml_collections
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from vlp import config as vlp_config
 from vlp.train import trainer
@@ -105,3 +105,14 @@ def test_data_stream_keys_are_config_keys():
         for part in key.split("."):
             assert part in node, f"DATA_STREAM_KEYS entry {key!r} is not a config key"
             node = node[part]
+
+
+def test_mask_settings_count_only_for_masked_image_objectives(tmp_path):
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(vlp_config.to_json(run_config()))
+    check_resume_config(tmp_path, run_config(**{"mim.mask_ratio": "0.4"}))  # clip draws no masks: resumes
+    tips = vlp_config.load_config_file(str(REPO / "configs" / "tips.py") + ":tiny")
+    (tmp_path / "config.json").write_text(vlp_config.to_json(tips))
+    vlp_config.apply_overrides(tips, {"mim.mask_ratio": "0.55"})
+    with pytest.raises(ValueError, match=r"mim\.mask_ratio: 0\.4 -> 0\.55"):
+        check_resume_config(tmp_path, tips)

@@ -102,9 +102,15 @@ def has_checkpoint(workdir: Path) -> bool:
 
 def changed_data_keys(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for each DATA_STREAM_KEYS entry that differs, compared as JSON values."""
+    from vlp.objectives import get_objective
+    from vlp.objectives.masked_image import MaskedImageMixin
+
     new = json.loads(vlp_config.to_json(config))
+    masked = issubclass(get_objective(config.objective), MaskedImageMixin)
     changed = []
     for key in DATA_STREAM_KEYS:
+        if key.startswith("mim.") and not masked:  # mask settings reach the stream only of masked-image objectives
+            continue
         old_value, new_value = _dotted(saved, key), _dotted(new, key)
         if old_value is not _ABSENT and old_value != new_value:  # absent: a key the saved config predates
             changed.append((key, old_value, new_value))
