@@ -91,9 +91,10 @@ def test_local_small_files_are_replaced_atomically_with_the_usual_file_mode(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
 
 
-def test_local_workdir_keeps_tensorboard(tmp_path):
+def test_local_workdir_appends_metrics_after_a_torn_line_and_keeps_tensorboard(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')  # torn by a kill
     writer = MetricWriter(tmp_path, enabled=True)
-    writer.write(1, {"loss": 3.0})
+    writer.write(3, {"loss": 1.5})
     writer.close()
     assert list((tmp_path / "tensorboard").iterdir())
-    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 3.0}]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 3.0}, {"step": 3, "loss": 1.5}]

@@ -83,7 +83,7 @@ class MetricWriter:
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
             # A run killed mid-write leaves a partial last line: end it, so new records start on their own line.
-            if self.path.exists() and self.path.stat().st_size:
+            if self.path.exists() and self.path.stat().length:
                 with self.path.open("rb") as f:
                     f.seek(-1, 2)
                     torn = f.read(1) != b"\n"
