@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
@@ -99,10 +98,13 @@ def _dotted(values: dict, key: str) -> Any:
 
 
 def has_checkpoint(workdir: epath.PathLike) -> bool:
-    """Whether `<workdir>/checkpoints` holds a finished step, i.e. whether this start is a resume. Orbax's own test:
-    on an object store a step directory exists while it is written, and only its commit_success.txt finishes it."""
+    """Whether `<workdir>/checkpoints` holds a finished step, i.e. whether this start is a resume. Orbax finishes a
+    local step by renaming its temporary directory; on an object store it writes the step in place and finishes it
+    with commit_success.txt."""
     checkpoints = epath.Path(workdir) / "checkpoints"
-    return checkpoints.is_dir() and ocp.path.step.any_checkpoint_step(checkpoints) is not None
+    return checkpoints.is_dir() and any(
+        p.name.isdigit() and p.is_dir() and (is_local(p) or (p / "commit_success.txt").exists())
+        for p in checkpoints.iterdir())
 
 
 def changed_data_keys(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
