@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     quiet_library_logs()
 
+    from etils import epath
+
     from vlp.train import evaluation
+    from vlp.train.paths import write_text_atomic
     from vlp.train.restore import restore_run
 
     names = [n.strip() for n in args.evals.split(",") if n.strip()] if args.evals else None
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     split = args.split or "config"
     record = {"step": step, "split": split, **dict(sorted(results.items())),
               "eval_seconds": round(time.perf_counter() - start, 2)}
-    out = Path(args.out) if args.out else Path(args.workdir) / f"eval_{split}_step{step}.json"
-    out.write_text(json.dumps(record, indent=2))
+    out = epath.Path(args.out) if args.out else epath.Path(args.workdir) / f"eval_{split}_step{step}.json"
+    write_text_atomic(out, json.dumps(record, indent=2))
     print(format_table(record))
     print(json.dumps(record), flush=True)
     return record

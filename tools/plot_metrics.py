@@ -14,14 +14,16 @@ Curves come from each workdir's metrics.jsonl (several workdirs are overlaid, on
 from __future__ import annotations
 
 import argparse
+import io
 import json
-from pathlib import Path
+
+from etils import epath
 
 DEFAULT_KEYS = ("loss", "zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "lr", "samples_per_second")
 NOT_SCORES = ("step", "eval_seconds")  # and `*_l2`: the linear probe's chosen regularisation, not a score
 
 
-def load_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
+def load_series(path: epath.Path) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
     for line in path.read_text().splitlines():
         if not line.strip():
@@ -38,7 +40,7 @@ def load_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def load_eval_scores(paths: list[Path]) -> dict[str, dict[str, float]]:
+def load_eval_scores(paths: list[epath.Path]) -> dict[str, dict[str, float]]:
     """{file label: {metric: value}} for the numeric metrics of tools/eval.py JSON files."""
     out = {}
     for path in paths:
@@ -105,7 +107,7 @@ def plot_evals(plt, scores: dict[str, dict[str, float]], keys_arg: list[str] | N
     return fig
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> epath.Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", nargs="+", default=None, help="run directories with metrics.jsonl")
     parser.add_argument("--eval_json", nargs="+", default=None, help="tools/eval.py result files (bar chart)")
@@ -123,13 +125,15 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     if args.workdir:
-        fig = plot_curves(plt, [Path(w) for w in args.workdir], args.keys)
+        fig = plot_curves(plt, [epath.Path(w) for w in args.workdir], args.keys)
     else:
-        fig = plot_evals(plt, load_eval_scores([Path(p) for p in args.eval_json]), args.keys)
+        fig = plot_evals(plt, load_eval_scores([epath.Path(p) for p in args.eval_json]), args.keys)
     fig.tight_layout()
-    out = Path(args.out) if args.out else Path(args.workdir[0]) / "metrics.png"
+    out = epath.Path(args.out) if args.out else epath.Path(args.workdir[0]) / "metrics.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    png = io.BytesIO()  # matplotlib writes local files only; epath writes to a workdir on gs:// too
+    fig.savefig(png, format="png", dpi=110)
+    out.write_bytes(png.getvalue())
     print(out)
     return out
 

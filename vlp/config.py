@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 from ml_collections import config_dict
 
 from vlp.parallel.sharding import DEFAULT_RULES
@@ -289,8 +290,8 @@ def _check_init_from(init_from: ml_collections.ConfigDict) -> None:
     if not path:
         return
     if fmt == "vlp":
-        _check(Path(path).is_dir(), f"init_from.path={path!r} is not a directory; give a vlp workdir (or its "
-                                    "checkpoints/)")
+        _check(epath.Path(path).is_dir(), f"init_from.path={path!r} is not a directory; give a vlp workdir (or "
+                                          "its checkpoints/)")
     elif fmt == "open_clip":
         _check(Path(path).exists(), f"init_from.path={path!r} does not exist; give an open_clip state dict file "
                                     "(.pt/.bin/.safetensors) or the folder tools/export.py --format=open_clip wrote")
@@ -439,7 +440,7 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
            f"{mim.decoder_heads}")
     # A started EVA run keeps its teacher (config.json: mim.teacher_config, params: its checkpoints): the teacher
     # workdir may be gone when it resumes, or is evaluated or exported.
-    _check(not mim.teacher_workdir or mim.teacher_config or Path(mim.teacher_workdir).is_dir(),
+    _check(not mim.teacher_workdir or mim.teacher_config or epath.Path(mim.teacher_workdir).is_dir(),
            f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir (an EVA run that "
            f"has started keeps its teacher: resume it with --config=configs/workdir.py:<its workdir>)")
     _check(mim.teacher_features in ("aligned", "patch_tokens"),
@@ -455,7 +456,7 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
            f"tips.contrastive_view={config.tips.contrastive_view!r}; valid: ('masked', 'unmasked')")
     if config.objective == "eva":
         _check(bool(mim.teacher_config) or (bool(mim.teacher_workdir)
-                                             and (Path(mim.teacher_workdir) / "config.json").is_file()),
+                                             and (epath.Path(mim.teacher_workdir) / "config.json").is_file()),
                f"objective='eva' needs mim.teacher_workdir (a vlp workdir with config.json and checkpoints whose "
                f"image tower gives the regression targets, e.g. a configs/clip.py:tiny run); got "
                f"{mim.teacher_workdir!r}")
@@ -502,8 +503,8 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_json(path: str | Path) -> ml_collections.ConfigDict:
-    path = Path(path)
+def load_json(path: epath.PathLike) -> ml_collections.ConfigDict:
+    path = epath.Path(path)  # a workdir may be a URL (gs://...)
     if not path.is_file():
         raise FileNotFoundError(f"no config at {path}: is this a vlp workdir? (each run writes config.json)")
     return from_dict(json.loads(path.read_text()))

@@ -30,14 +30,16 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from vlp.train.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,11 @@ _OK, _DAMAGED, _TRANSIENT = 0, 1, 2
 class Checkpointer:
     """Items per step: `state` (TrainState, sharded arrays) and `data` (the grain iterator state)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True, read_attempts: int = 3,
+    def __init__(self, directory: epath.PathLike, *, max_to_keep: int, async_save: bool = True, read_attempts: int = 3,
                  retry_backoff_seconds: float = 1.0):
         if read_attempts < 1:
             raise ValueError(f"read_attempts={read_attempts} is not valid: give 1 or more")
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)  # local or a URL (gs://...): orbax writes to either directly
         self.read_attempts, self.retry_backoff_seconds = read_attempts, retry_backoff_seconds
         self._state_reader, self._params_reader = ocp.StandardCheckpointHandler(), ocp.PyTreeCheckpointHandler()
         self._last_started: int | None = None
@@ -173,8 +175,8 @@ class Checkpointer:
             path / "state", args=args))
         return step, restored["params"]
 
-    def _train_state_reader(self, abstract_state: Any, with_data: bool) -> Callable[[Path], Any]:
-        def read(path: Path) -> Any:
+    def _train_state_reader(self, abstract_state: Any, with_data: bool) -> Callable[[epath.Path], Any]:
+        def read(path: epath.Path) -> Any:
             state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
             if with_data:  # this process's position; it is applied to the iterator after the agreement
                 json.loads((path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -183,7 +185,7 @@ class Checkpointer:
 
         return read
 
-    def _newest_readable(self, steps: list[int], read: Callable[[Path], Any]) -> tuple[int, Any, list[int]]:
+    def _newest_readable(self, steps: list[int], read: Callable[[epath.Path], Any]) -> tuple[int, Any, list[int]]:
         """(step, what `read` gave, the damaged newer steps) for the first of `steps` that every process read.
 
         Handlers are called directly, not through the manager, whose restore ends in a cross-process barrier that
@@ -207,7 +209,7 @@ class Checkpointer:
         raise UnrestorableCheckpointError(f"no restorable checkpoint in {self.directory}: " + "; ".join(errors),
                                           damaged)
 
-    def _read(self, step: int, read: Callable[[Path], Any]) -> tuple[Any, Exception | None]:
+    def _read(self, step: int, read: Callable[[epath.Path], Any]) -> tuple[Any, Exception | None]:
         """(read(step dir), None), or (None, the error) after `read_attempts` tries; damage is not retried."""
         path = self.directory / str(step)
         for attempt in range(1, self.read_attempts + 1):

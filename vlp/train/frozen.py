@@ -7,12 +7,12 @@ A low layer: it reads checkpoints and configs and never imports the trainer, so 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+from etils import epath
 from jax.sharding import Mesh
 
 from vlp import config as vlp_config
@@ -51,11 +51,11 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def restore_params(source: str | Path, abstract: Any) -> tuple[int, Any]:
+def restore_params(source: epath.PathLike, abstract: Any) -> tuple[int, Any]:
     """(step, params) of a vlp workdir's (or its checkpoints directory's) newest checkpoint, onto `abstract`'s
     shapes and shardings (so they may come from another mesh or process count). Optimizer state, the extra state
     and the data position are not read."""
-    directory = Path(source)
+    directory = epath.Path(source)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():
@@ -70,10 +70,10 @@ def restore_params(source: str | Path, abstract: Any) -> tuple[int, Any]:
         checkpointer.close()
 
 
-def load_frozen_model(workdir: str | Path, mesh: Mesh, rules: sharding.LogicalRules) -> FrozenModel:
+def load_frozen_model(workdir: epath.PathLike, mesh: Mesh, rules: sharding.LogicalRules) -> FrozenModel:
     """The model of a vlp workdir (its config.json and newest checkpoint's params), its params sharded on `mesh`
     by the logical `rules` (pass the run's own: then the frozen model is sharded like a student of its shape)."""
-    config = vlp_config.load_json(Path(workdir) / "config.json")
+    config = vlp_config.load_json(epath.Path(workdir) / "config.json")
     objective = build_objective(config)
     step, params = restore_params(workdir, abstract_params(objective, mesh, rules))
     return FrozenModel(config, objective, params, step)

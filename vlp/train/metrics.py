@@ -1,16 +1,26 @@
-"""Metric outputs of a run (process 0 only): metrics.jsonl, TensorBoard (tensorboardX) and the progress line."""
+"""Metric outputs of a run (process 0 only): metrics.jsonl, TensorBoard (tensorboardX) and the progress line.
+
+A workdir on an object store (`gs://...`) gets metrics.jsonl (rewritten whole at each log step: objects cannot be
+appended to) and no TensorBoard files: tensorboardX writes to URLs only with extra packages and then only at close,
+so a one-time warning says so; tools/plot_metrics.py draws the same scalars from metrics.jsonl.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from vlp.train.paths import is_local
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device, the MFU denominator (vendor figures; CPU: XLA fp32 matmul measured on a
 # 2-core CI-class machine, so CPU MFU figures are relative to that).
@@ -60,41 +70,56 @@ def progress_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
 class MetricWriter:
     """Appends `{"step": s, **metrics}` lines to metrics.jsonl and scalars to TensorBoard; no-op off process 0."""
 
-    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+    def __init__(self, workdir: epath.PathLike, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        workdir = epath.Path(workdir)
+        self.path = workdir / "metrics.jsonl"
         self._tb = None
-        if self.enabled:
+        self._text: str | None = None  # an object store's metrics.jsonl, rewritten whole at each write
+        if not self.enabled:
+            return
+        if is_local(workdir):
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
             # A run killed mid-write leaves a partial last line: end it, so new records start on their own line.
-            if self.path.exists() and self.path.stat().st_size:
+            if self.path.exists() and self.path.stat().length:
                 with self.path.open("rb") as f:
                     f.seek(-1, 2)
                     torn = f.read(1) != b"\n"
                 if torn:
                     with self.path.open("a") as f:
                         f.write("\n")
+        else:
+            log.warning("workdir %s is not local: no TensorBoard files are written (metrics.jsonl has the same "
+                        "scalars; python tools/plot_metrics.py --workdir=%s draws them)", workdir, workdir)
+            self._text = self.path.read_text() if self.path.exists() else ""
+            if self._text and not self._text.endswith("\n"):
+                self._text += "\n"
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in metrics.items():
-            self._tb.add_scalar(key, float(value), int(step))
-        self._tb.flush()
+        line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+        if self._text is not None:
+            self._text += line
+            self.path.write_text(self._text)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, float(value), int(step))
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: epath.PathLike) -> list[dict]:
     """The records of a metrics.jsonl; a line torn by a killed run is skipped."""
-    path = Path(path)
+    path = epath.Path(path)
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.trainer import Experiment, build_experiment
 from vlp.train.workdir import load_config
 
 
-def restore_run(workdir: str | Path, overrides: dict[str, str] | None = None, step: int | None = None,
+def restore_run(workdir: epath.PathLike, overrides: dict[str, str] | None = None, step: int | None = None,
                 config: ml_collections.ConfigDict | None = None) -> tuple[Experiment, int, Any]:
     """(experiment, step, TrainState) of a workdir's newest good (or the given) checkpoint."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     config = config if config is not None else load_config(workdir, overrides)
     exp = build_experiment(config)
     checkpoints = workdir / "checkpoints"

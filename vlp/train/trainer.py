@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from vlp import config as vlp_config
@@ -32,6 +32,7 @@ from vlp.train.frozen import restore_params
 from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
 from vlp.train.optim import make_optimizer
+from vlp.train.paths import write_text_atomic
 from vlp.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from vlp.train.state import TrainState, zero_counters
 from vlp.train.watchdog import StepWatchdog
@@ -250,7 +251,7 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
     return 0, state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, writes final_metrics.json.
 
     Raises `Preempted` after saving a checkpoint when a preemption notice (SIGTERM) arrives, `NonFiniteLossError`
@@ -297,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if metrics:
         final["final_loss"] = float(metrics["loss"])
     if jax.process_index() == 0:
-        (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        write_text_atomic(workdir / "final_metrics.json", json.dumps(final, indent=2))
         print(json.dumps(final), flush=True)
     return final
 
@@ -329,7 +330,7 @@ class _Loop:
     The run's counters (skipped records and non-finite steps, rollbacks, failed saves) live in `TrainState.counters`
     and so are checkpointed with the step they belong to."""
 
-    def __init__(self, exp: Experiment, workdir: Path, data_iter: Any, train_step: Callable,
+    def __init__(self, exp: Experiment, workdir: epath.Path, data_iter: Any, train_step: Callable,
                  checkpointer: Checkpointer, evaluators: dict, writer: MetricWriter):
         self.exp, self.config, self.workdir = exp, exp.config, workdir
         self.data_iter, self.train_step, self.checkpointer = data_iter, train_step, checkpointer
@@ -481,7 +482,7 @@ class _Loop:
                        "min": float(np.min(v)), "max": float(np.max(v))} for k, v in host_batch.items()}
         dump = {"first_nonfinite_step": bad_step, "metrics": bad_metrics, "last_batch": summary}
         path = self.workdir / f"nonfinite_step_{bad_step}.json"
-        path.write_text(json.dumps(dump, indent=2, default=str))
+        write_text_atomic(path, json.dumps(dump, indent=2, default=str))
         say(f"wrote {path}")
 
 

@@ -14,8 +14,10 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from vlp import config as vlp_config
+from vlp.train.paths import is_local, write_text_atomic
 
 # Config keys that change which examples the training stream yields, or what each one becomes. A checkpoint saves
 # the data position as a batch index of this stream, so resuming with any of them changed would silently train on
@@ -36,10 +38,11 @@ PACKAGES = ("vlp", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"
             "ml_collections", "tensorboardX", "safetensors")
 
 
-def prepare_workdir(workdir: str | Path) -> Path:
-    """Creates the workdir (and parents); names the offending path when that is impossible."""
-    path = Path(workdir)
-    for parent in [path, *path.parents]:
+def prepare_workdir(workdir: epath.PathLike) -> epath.Path:
+    """Creates the workdir (and parents); names the offending path when that is impossible. A URL (`gs://...`) is
+    used as given: an object store has no directories to create and no file that could stand in the way."""
+    path = epath.Path(workdir)
+    for parent in [path, *path.parents] if is_local(path) else []:
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(f"cannot create workdir {path}: {parent} exists and is a regular file, "
                                      f"not a directory; choose another --workdir")
@@ -94,10 +97,14 @@ def _dotted(values: dict, key: str) -> Any:
     return values
 
 
-def has_checkpoint(workdir: Path) -> bool:
-    """Whether `<workdir>/checkpoints` holds a (finished) step directory, i.e. whether this start is a resume."""
-    checkpoints = Path(workdir) / "checkpoints"
-    return checkpoints.is_dir() and any(p.name.isdigit() and p.is_dir() for p in checkpoints.iterdir())
+def has_checkpoint(workdir: epath.PathLike) -> bool:
+    """Whether `<workdir>/checkpoints` holds a finished step, i.e. whether this start is a resume. Orbax finishes a
+    local step by renaming its temporary directory; on an object store it writes the step in place and finishes it
+    with commit_success.txt."""
+    checkpoints = epath.Path(workdir) / "checkpoints"
+    return checkpoints.is_dir() and any(
+        p.name.isdigit() and p.is_dir() and (is_local(p) or (p / "commit_success.txt").exists())
+        for p in checkpoints.iterdir())
 
 
 def changed_data_keys(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
@@ -117,12 +124,12 @@ def changed_data_keys(saved: dict, config: ml_collections.ConfigDict) -> list[tu
     return changed
 
 
-def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def check_resume_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
     """On a resume (a checkpoint and a saved config.json), refuses a config whose data stream differs from the saved
     one unless `allow_data_change`; names each changed key with its old and new value. Every process checks, so all
     of them stop together: process 0 rewrites config.json (write_run_files) only after its own check passed, and
     then with a config that passes the check too."""
-    saved_path = Path(workdir) / "config.json"
+    saved_path = epath.Path(workdir) / "config.json"
     if not saved_path.is_file() or not has_checkpoint(workdir):
         return
     changed = changed_data_keys(json.loads(saved_path.read_text()), config)
@@ -140,25 +147,26 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> Non
         f"--config.allow_data_change=True")
 
 
-def write_run_files(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def write_run_files(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
     """Writes config.json (the newest config), config_history/<n>_<UTC time>.json (one per start, so a resumed run
     keeps what every segment ran with) and provenance.json (process 0 only)."""
     if jax.process_index() != 0:
         return
+    workdir = epath.Path(workdir)
     text = vlp_config.to_json(config)
     history = workdir / CONFIG_HISTORY
-    history.mkdir(exist_ok=True)
+    history.mkdir(parents=True, exist_ok=True)
     number = 1 + max((int(p.name.split("_", 1)[0]) for p in history.glob("*_*.json")
                       if p.name.split("_", 1)[0].isdigit()), default=0)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (history / f"{number:04d}_{stamp}.json").write_text(text)
-    (workdir / "config.json").write_text(text)
-    (workdir / "provenance.json").write_text(json.dumps(provenance(), indent=2))
+    write_text_atomic(history / f"{number:04d}_{stamp}.json", text)
+    write_text_atomic(workdir / "config.json", text)
+    write_text_atomic(workdir / "provenance.json", json.dumps(provenance(), indent=2))
 
 
-def load_config(workdir: str | Path, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: epath.PathLike, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
     """The run's resolved config from `<workdir>/config.json`, with optional dotted-key overrides."""
-    config = vlp_config.load_json(Path(workdir) / "config.json")
+    config = vlp_config.load_json(epath.Path(workdir) / "config.json")
     if overrides:
         vlp_config.apply_overrides(config, overrides)
     return config
