@@ -519,8 +519,9 @@ def test_preflight_workdir_check(tmp_path, monkeypatch, workdir, reason):
     assert row.status == ("FAIL" if workdir.startswith("gs://") else "ok")
 
 
-def test_slurm_requeues_on_the_trainers_preemption_exit_code():
+def test_slurm_requeues_on_the_trainers_preemption_and_watchdog_exit_codes():
     from vlp.train.preemption import PREEMPTED_EXIT_CODE
+    from vlp.train.watchdog import HUNG_EXIT_CODE
 
     script = (REPO / "launch" / "slurm.sbatch").read_text()
-    assert f"status == {PREEMPTED_EXIT_CODE}" in script and f"exit {PREEMPTED_EXIT_CODE}" in script
+    assert f"if ((status == {PREEMPTED_EXIT_CODE} || status == {HUNG_EXIT_CODE})); then" in script
