@@ -74,3 +74,22 @@ def assert_trees_close(got, want, rtol: float = 1e-5, zero_floor: float = 0.0) -
            if not err <= rtol * max(norm, zero_floor)]
     assert not bad, "leaves differ (path, ||got - want||, ||want||): " + "; ".join(
         f"{p} {e:.3g} {n:.3g}" for p, e, n in bad[:10])
+
+
+def assert_same_update(got_params, want_params, initial, lr: float, rtol: float) -> None:
+    """The reference step moved the params like AdamW's first step (~lr per element: ||update|| between 0.5 and 1.1
+    lr sqrt(n); measured ~0.85), and `got_params - initial` equals `want_params - initial` by global-norm relative
+    difference. The update, not the params, is compared: params are ~100x larger than one step's update."""
+    import jax
+    import numpy as np
+
+    def update(params):
+        return [np.asarray(p, np.float64) - np.asarray(i, np.float64)
+                for p, i in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(initial)))]
+
+    got, want = np.concatenate([np.ravel(u) for u in update(got_params)]), \
+        np.concatenate([np.ravel(u) for u in update(want_params)])
+    moved = np.linalg.norm(want) / (lr * np.sqrt(want.size))
+    assert lr > 0 and 0.5 <= moved <= 1.1, f"update norm {moved:.3g} x lr sqrt(n) at lr {lr}: the step did not move"
+    diff = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert diff <= rtol, f"updates differ by {diff:.3g} (global-norm relative) > {rtol}"
