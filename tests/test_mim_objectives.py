@@ -1,7 +1,7 @@
 """One train step of each masked-image objective (simmim, mae, eva, tips) on a 2x4x1 mesh of 8 devices equals the
 1-device step (loss, every gradient leaf, the AdamW update, and TIPS's EMA teacher and centres leaf by leaf); the
-batch comes from the real pipeline (masks drawn per example, both captions for TIPS). Also: TIPS's extra state survives a checkpoint round
-trip, and image-only objectives reject text evaluators with a clear error."""
+batch comes from the real pipeline (masks drawn per example, both captions for TIPS). Also: TIPS's extra state
+survives a checkpoint round trip, and image-only objectives reject text evaluators with a clear error."""
 
 import jax
 import numpy as np
