@@ -2,7 +2,6 @@
 big variants' parameters are really split by FSDP and tensor parallelism."""
 
 import jax
-import numpy as np
 import pytest
 from conftest import REPO, assert_same_update, assert_trees_close, tiny_config
 
@@ -12,12 +11,6 @@ from vlp.data.transforms import SelectCaption, TokenizeBatch
 from vlp import config as vlp_config
 from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment, jit_train_step
-
-
-def rel_diff(a, b):
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(a))])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(b))])
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
