@@ -53,26 +53,33 @@ def first_cost(analysis: Any) -> dict[str, float]:
     return dict(analysis or {})
 
 
-def synthetic_batch_fn(objective: Any, batch_size: int):
-    """A function rng -> batch shaped like `objective.example_batch`: images uniform in [-1, 1], text ids drawn
-    from every row of the token-embedding table, other integer fields 0."""
+def synthetic_batch_fn(exp: Any, batch_size: int):
+    """A function rng -> a training batch with exactly the fields of the trainer's `exp.batch_shardings()`: the
+    objective's fields shaped like `objective.example_batch` (images uniform in [-1, 1], text ids drawn from every row
+    of the token-embedding table, other integer fields 0) and the input pipeline's per-example bookkeeping (e.g.
+    skipped-record counts) as int32 zeros. Deriving the fields from the trainer keeps the benchmark's batch in step
+    with what the jitted train step expects (a missing field is a pytree mismatch at compile time)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
+    objective = exp.objective
     example = objective.example_batch(batch_size)
+    specs = {key: (example[key].shape, example[key].dtype) if key in example else ((batch_size,), np.dtype(np.int32))
+             for key in exp.batch_shardings()}
     text_tower = getattr(getattr(objective, "model", None), "text", None)
     vocab_rows = text_tower["vocab_size"] if isinstance(text_tower, dict) else objective.tokenizer.vocab_size
 
     def make(rng: jax.Array) -> dict[str, jax.Array]:
         out = {}
-        for i, (key, value) in enumerate(sorted(example.items())):
+        for i, (key, (shape, dtype)) in enumerate(sorted(specs.items())):
             k = jax.random.fold_in(rng, i)
             if key == "text":
-                out[key] = jax.random.randint(k, value.shape, 1, vocab_rows, jnp.int32)
-            elif jnp.issubdtype(value.dtype, jnp.floating):
-                out[key] = jax.random.uniform(k, value.shape, value.dtype, -1.0, 1.0)
+                out[key] = jax.random.randint(k, shape, 1, vocab_rows, jnp.int32)
+            elif jnp.issubdtype(dtype, jnp.floating):
+                out[key] = jax.random.uniform(k, shape, dtype, -1.0, 1.0)
             else:
-                out[key] = jnp.zeros(value.shape, value.dtype)
+                out[key] = jnp.zeros(shape, dtype)
         return out
 
     return make
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     state = exp.init_state()
     with exp.context():
-        batch = jax.jit(synthetic_batch_fn(exp.objective, config.batch_size),
+        batch = jax.jit(synthetic_batch_fn(exp, config.batch_size),
                         out_shardings=exp.batch_shardings())(jax.random.key(config.seed))
         start = time.perf_counter()
         compiled = jit_train_step(exp).lower(state, batch).compile()

@@ -47,3 +47,49 @@ def tiny_config(arg: str = "", **updates):
     config.mesh.num_devices = 1  # sharded tests ask for all 8 devices explicitly
     vlp_config.apply_overrides(config, {k: str(v) for k, v in updates.items()})
     return config
+
+
+def tree_leaf_errors(got, want) -> list[tuple[str, float, float]]:
+    """(path, ||got - want||, ||want||) of every leaf, in float64; the trees must have the same structure."""
+    import jax
+    import numpy as np
+
+    got, want = jax.device_get(got), jax.device_get(want)
+    assert jax.tree.structure(got) == jax.tree.structure(want), (jax.tree.structure(got), jax.tree.structure(want))
+    rows = []
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (jax.tree_util.keystr(path), g.shape, w.shape)
+        rows.append((jax.tree_util.keystr(path), float(np.linalg.norm(g - w)), float(np.linalg.norm(w))))
+    return rows
+
+
+def assert_trees_close(got, want, rtol: float = 1e-5, zero_floor: float = 0.0) -> None:
+    """Every leaf: ||got - want|| <= rtol * max(||want||, zero_floor) (norms over the leaf).
+
+    `zero_floor` is an absolute norm below which a leaf counts as zero: a gradient that is exactly zero in exact
+    arithmetic (e.g. an attention key bias, which softmax cancels) is fp32 rounding noise whose relative error
+    means nothing; such a leaf must still be below rtol * zero_floor in absolute terms."""
+    bad = [(path, err, norm) for path, err, norm in tree_leaf_errors(got, want)
+           if not err <= rtol * max(norm, zero_floor)]
+    assert not bad, "leaves differ (path, ||got - want||, ||want||): " + "; ".join(
+        f"{p} {e:.3g} {n:.3g}" for p, e, n in bad[:10])
+
+
+def assert_same_update(got_params, want_params, initial, lr: float, rtol: float) -> None:
+    """The reference step moved the params like AdamW's first step (~lr per element: ||update|| between 0.5 and 1.1
+    lr sqrt(n); measured ~0.85), and `got_params - initial` equals `want_params - initial` by global-norm relative
+    difference. The update, not the params, is compared: params are ~100x larger than one step's update."""
+    import jax
+    import numpy as np
+
+    def update(params):
+        return [np.asarray(p, np.float64) - np.asarray(i, np.float64)
+                for p, i in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(initial)))]
+
+    got, want = np.concatenate([np.ravel(u) for u in update(got_params)]), \
+        np.concatenate([np.ravel(u) for u in update(want_params)])
+    moved = np.linalg.norm(want) / (lr * np.sqrt(want.size))
+    assert lr > 0 and 0.5 <= moved <= 1.1, f"update norm {moved:.3g} x lr sqrt(n) at lr {lr}: the step did not move"
+    diff = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert diff <= rtol, f"updates differ by {diff:.3g} (global-norm relative) > {rtol}"

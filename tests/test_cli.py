@@ -30,8 +30,17 @@ def env():
 
 
 def train_cmd(workdir, steps):
+    # A constant learning rate after warmup: the killed run (400 steps) and the resumed one (40) share a schedule.
     return [sys.executable, "-m", "vlp.train", "--config=configs/clip.py:tiny", f"--workdir={workdir}",
-            f"--config.total_steps={steps}", *SMALL]
+            f"--config.total_steps={steps}", "--config.optim.schedule=constant", *SMALL]
+
+
+def logged_losses(workdir) -> dict[int, float]:
+    """Step -> logged training loss; a step logged twice (by the killed run, then by the resumed one) keeps the
+    later record."""
+    from vlp.train.metrics import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r}
 
 
 def run(cmd):
@@ -54,6 +63,14 @@ def test_train_kill_resume_eval_export_plot(tmp_path):
     stdout = run(train_cmd(workdir, 40))
     final = json.loads(stdout.strip().splitlines()[-1])
     assert final["resumed_from_step"] >= 10 and final["steps"] == 40
+    # Exact reproduction: the resumed steps log the very losses of an uninterrupted run with the same settings.
+    reference = tmp_path / "uninterrupted"
+    run(train_cmd(reference, 40))
+    want, got = logged_losses(reference), logged_losses(workdir)
+    resumed_steps = [step for step in sorted(want) if step > final["resumed_from_step"]]
+    assert resumed_steps and resumed_steps[-1] == 40, sorted(want)
+    assert [got[step] for step in resumed_steps] == [want[step] for step in resumed_steps], (got, want)
+    assert final["final_loss"] == json.loads((reference / "final_metrics.json").read_text())["final_loss"]
     for key in ("zeroshot_top1", "retrieval_i2t_r1", "retrieval_t2i_r1", "steps", "train_seconds"):
         assert key in final
     assert "samples/s" in stdout and "ETA" in stdout

@@ -84,7 +84,13 @@ def test_bundled_class_names_and_templates():
     assert prompts.load_templates("siglip") == ["This is a photo of {}."]
     lists = class_prompt_lists("shapes", class_names="imagenet1k", templates="clip7")
     assert len(lists) == 1000 and lists[1][0] == "itap of a goldfish."
-    assert class_prompt_lists("shapes")[0] == [p for p in class_prompt_lists("shapes")[0]]  # shapes' own prompts
+    # Without names or templates: shapes' own caption-style prompts, written out here for class 0 (red circle).
+    own = class_prompt_lists("shapes")
+    assert len(own) == 64 and all(len(p) == 16 for p in own)
+    assert own[0] == [f"a {size} red circle in the {pos}" for size in ("small", "medium", "large")
+                      for pos in ("upper left", "upper right", "lower left", "lower right")] + [
+        "red circle", "circle red", "red circle photo", "img red circle"]
+    assert own[0][0] == "a small red circle in the upper left" and own[9][-1] == "img orange square"
     with pytest.raises(ValueError, match=r"neither a bundled set nor a file; valid: \['clip7', 'clip80', 'siglip'\]"):
         prompts.load_templates("clip81")
 

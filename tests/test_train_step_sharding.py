@@ -2,9 +2,8 @@
 big variants' parameters are really split by FSDP and tensor parallelism."""
 
 import jax
-import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, assert_same_update, assert_trees_close, tiny_config
 
 from vlp.data.pipeline import TrainStreamSpec, make_train_dataset
 from vlp.data.sources import make_source
@@ -12,12 +11,6 @@ from vlp.data.transforms import SelectCaption, TokenizeBatch
 from vlp import config as vlp_config
 from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment, jit_train_step
-
-
-def rel_diff(a, b):
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(a))])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(b))])
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,9 @@ def batch():
 
 
 def run_step(mesh_shape, num_devices, batch, initial_params=None):
-    config = tiny_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices})
+    # warmup 0: the first step has the full learning rate (warmup from 0 would leave every param unchanged).
+    config = tiny_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices,
+                            "optim.warmup_steps": 0})
     exp = build_experiment(config)
     state = exp.init_state()
     if initial_params is not None:  # start every mesh from the very same values
@@ -46,7 +41,8 @@ def run_step(mesh_shape, num_devices, batch, initial_params=None):
         new_state, metrics = step(state, global_batch)
         input_sharding = global_batch["image"].sharding
     return {"initial": initial, "grads": jax.device_get(grads), "params": jax.device_get(new_state.params),
-            "loss": float(metrics["loss"]), "hlo": compiled_text, "input_sharding": input_sharding}
+            "loss": float(metrics["loss"]), "lr": float(metrics["lr"]), "hlo": compiled_text,
+            "input_sharding": input_sharding}
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +50,19 @@ def single(batch):
     return run_step((1, 1, 1), 1, batch)
 
 
+def assert_step_matches(sharded, single):
+    """Every gradient leaf to rel 1e-5 (measured <= 1.8e-6; no leaf is zero here: the key bias is fused into the
+    qkv bias); the AdamW update to rel 1e-4 by global norm (measured 2e-5: Adam's g / (|g| + eps) amplifies the fp32
+    noise of the key-bias gradient, which is zero in exact arithmetic)."""
+    assert_trees_close(sharded["grads"], single["grads"], rtol=1e-5)
+    assert_same_update(sharded["params"], single["params"], single["initial"], single["lr"], rtol=1e-4)
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_step_equals_single_device(mesh_shape, batch, single):
     sharded = run_step(mesh_shape, -1, batch, initial_params=single["initial"])
     assert abs(sharded["loss"] - single["loss"]) / abs(single["loss"]) <= 1e-5
-    assert rel_diff(sharded["grads"], single["grads"]) <= 1e-5
-    assert rel_diff(sharded["params"], single["params"]) <= 1e-4
+    assert_step_matches(sharded, single)
     # The compiled step really is sharded: the batch is split over (data, fsdp) and the loss gathers embeddings.
     assert sharded["input_sharding"].spec[0] == ("data", "fsdp")
     assert len(sharded["input_sharding"].device_set) == 8
