@@ -37,8 +37,9 @@ def test_align_tiny_lowers_its_loss():
     losses = np.array(losses)
     assert np.isfinite(losses).all()
     first, last = losses[:5].mean(), losses[-5:].mean()
-    # At init T = 1 and the embeddings are unrelated: loss ~ ln 16 = 2.77 (label smoothing changes no row's optimum).
-    assert abs(first - np.log(16)) < 0.2, first
-    # Measured: 2.78 -> 2.38 (steps 1-5 vs 36-40); T = 1 caps the logits, so the loss falls slowly at first.
-    assert last < first - 0.25, (first, last)
+    # At init (tiny: T = 0.1) the embeddings are unrelated: no better than uniform, ln 16 = 2.77 (measured 3.10:
+    # at T = 0.1 random cosines of +-0.2 already spread the logits).
+    assert first > np.log(16) - 0.1, first
+    print(f"ALIGN tiny, steps 1-5 vs {STEPS - 4}-{STEPS}: {first:.3f} -> {last:.3f}")
+    assert last < first - 0.5, (first, last)  # measured 3.10 -> 2.15
     assert jax.device_get(state.step) == STEPS
