@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
         width = 512 if variant == "B/16" else 768
         c.model.text.update(width=width, depth=12, mlp_dim=4 * width, num_heads=width // 64)
         c.model.embed_dim = 512 if variant == "B/16" else 768
-        c.model.image.remat = variant == "L/14"
+        c.model.remat_policy = "full" if variant == "L/14" else "none"  # both towers recompute each block
         c.optim.update(lr=5e-4 if variant == "B/16" else 4e-4, warmup_steps=2000, weight_decay=0.2)
         c.mesh.shape = (1, -1, 1)  # FSDP over all devices
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000

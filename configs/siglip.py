@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
         depth, mlp_dim, heads = (12, 3072, 12) if variant == "B/16" else (27, 4304, 16)
         c.model.text.update(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
         c.model.embed_dim = width
-        c.model.image.remat = c.model.text.remat = variant != "B/16"
+        c.model.remat_policy = "none" if variant == "B/16" else "full"
         c.data.max_text_len = 64 if variant == "B/16" else 16  # the released So400m/14@224 reads 16 tokens
         c.batch_size = 32_768
         c.loss.variant = "ring"

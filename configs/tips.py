@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
         c.model.text.update(width=width, depth=12, mlp_dim=4 * width, num_heads=width // 64)
         c.model.embed_dim = None
         c.model.logit_scale_max = 250.0  # the released TIPS scores at a scale of ~210 (methods.md section 4.1)
-        c.model.image.remat = variant == "L/14"
+        c.model.remat_policy = "full" if variant == "L/14" else "none"  # both towers recompute each block
         c.distill.update(num_prototypes=65536, head_hidden=2048, head_bottleneck=256, head_layers=3,
                          teacher_temp_warmup_steps=10_000, ema_momentum=0.994, ema_momentum_final=0.994)
         c.optim.update(lr=5e-4 if variant == "B/16" else 4e-4, warmup_steps=5000, weight_decay=0.1, b2=0.95)

@@ -109,6 +109,8 @@ BAD_CONFIGS = {
         r"precision.compute_dtype='fp16'; valid: \('auto', 'float32', 'bfloat16'\)"),
     "nan_policy_typo": ({"nan_policy": "skp"}, r"nan_policy='skp'; valid: \('stop', 'skip'"),
     "unknown_image_pooling": ({"model.image.pool": "mean"}, r"model.image.pool='mean'; valid: \('cls', 'gap', 'map'\)"),
+    "unknown_remat_policy": ({"model.remat_policy": "dots"},
+                             r"model.remat_policy='dots'; valid: \('none', 'full', 'dots_saveable'"),
     "vocab_smaller_than_tokenizer": (
         {"model.text.vocab_size": "100"},
         r"model.text.vocab_size=100 is smaller than the vocab size 384 .*; use >= 384 or leave it unset"),

@@ -122,9 +122,9 @@ def analytic_activation_bytes(exp: Any, platform: str) -> tuple[float, str]:
     micro_batch = local_batch // config.accumulation.steps
     image_tokens = (config.data.image_size // image["patch_size"]) ** 2 + image["num_cls_tokens"]
     image_bytes = tower_activation_bytes(micro_batch, image_tokens, image["width"], image["depth"], image["mlp_dim"],
-                                         image["num_heads"], image["remat"], dtype_bytes, tensor)
+                                         image["num_heads"], image["remat_policy"] != "none", dtype_bytes, tensor)
     text_bytes = tower_activation_bytes(micro_batch, text["max_len"], text["width"], text["depth"], text["mlp_dim"],
-                                        text["num_heads"], text["remat"], dtype_bytes, tensor)
+                                        text["num_heads"], text["remat_policy"] != "none", dtype_bytes, tensor)
     kind = getattr(objective, "loss_kind", "softmax")
     if config.loss.variant == "ring":
         loss_bytes = GATHER_LOGIT_COPIES[kind] * min(local_batch**2, RING_BLOCK_ELEMENTS) * 4
@@ -256,7 +256,7 @@ def memory_rows(exp: Any, method: str, platform: str, memory_bytes: float | None
     value = f"needs ~{gib(total)} of {gib(memory_bytes)} per device ({share:.0%})"
     if share > 1:
         rows.append(Row("memory", value, "FAIL", f"does not fit ({memory_source}): shard more (mesh fsdp), use "
-                        f"model.*.remat=True, loss.variant=ring, accumulation.steps > 1, or a smaller batch_size"))
+                        f"model.remat_policy=full, loss.variant=ring, accumulation.steps > 1, or a smaller batch_size"))
     elif share > WARN_FRACTION:
         rows.append(Row("memory", value, "WARN", f"over {WARN_FRACTION:.0%} of {memory_source}: little headroom"))
     else:

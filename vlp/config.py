@@ -58,15 +58,23 @@ def base_config() -> ml_collections.ConfigDict:
         image=dict(
             variant=config_dict.placeholder(str),  # e.g. "B/16": sets width/depth/mlp_dim/num_heads/patch_size
             width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8,
-            pool="cls", posemb="learn", num_cls_tokens=1, ln_pre=True, patch_bias=False, remat=False,
+            pool="cls", posemb="learn", num_cls_tokens=1, ln_pre=True, patch_bias=False,
         ),
         text=dict(
-            width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot", remat=False,
+            width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot",
             padding_mask=True,  # bidirectional towers: mask padding keys (False: Hugging Face SigLIP, which has none)
             # Rows of the token embedding table; unset = the tokenizer's vocab size. Set (>= the tokenizer's) to
             # benchmark a realistic table with the small bundled tokenizer (which never produces the extra ids).
             vocab_size=config_dict.placeholder(int),
         ),
+        # What each transformer block keeps for the backward pass (both towers): none (everything: fastest, most
+        # memory) | full (only the block input; recompute the rest) | dots_saveable (matmul outputs) |
+        # dots_with_no_batch_dims_saveable | offload_dots (matmul outputs without batch dims in host memory; GPU/TPU).
+        remat_policy="none",
+        # True: each stack of blocks is one block under nn.scan (compiles ~depth times faster; params
+        # encoder/blocks/... with a leading [depth] axis, logical name `layers`). Checkpoints, init_from and export
+        # convert between the two layouts.
+        scan_layers=False,
         embed_dim=128,
         image_projection=True,
         text_projection=True,
@@ -183,7 +191,7 @@ def image_only_config(objective: str, variant: str, tiny_patch_size: int) -> ml_
         c.data.image_size = 224
         c.data.worker_count = 8
         c.model.image.variant = variant
-        c.model.image.remat = variant == "L/14"
+        c.model.remat_policy = "full" if variant == "L/14" else "none"
         c.mesh.shape = (1, -1, 1)
         c.log_every, c.eval_every, c.checkpoint_every = 100, 10_000, 2000
     return c
@@ -375,6 +383,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(image.pool in vit.POOLINGS, f"model.image.pool={image.pool!r}; valid: {vit.POOLINGS}")
     _check(config.model.text.pool in text.TEXT_POOLINGS,
            f"model.text.pool={config.model.text.pool!r}; valid: {text.TEXT_POOLINGS}")
+    _check(config.model.remat_policy in layers.REMAT_POLICIES,
+           f"model.remat_policy={config.model.remat_policy!r}; valid: {layers.REMAT_POLICIES}")
+    _check(isinstance(config.model.scan_layers, bool),
+           f"model.scan_layers={config.model.scan_layers!r}; valid: True or False")
     _check(config.model.activation in layers.ACTIVATIONS,
            f"model.activation={config.model.activation!r}; valid: {sorted(layers.ACTIVATIONS)}")
     _check(not config.data.tokenizer or Path(config.data.tokenizer).is_file(),
@@ -479,7 +491,26 @@ def _match_types(template: Any, value: Any) -> Any:
     return value
 
 
+def _migrate_remat(values: dict) -> dict:
+    """Configs saved before model.remat_policy had a boolean model.image.remat / model.text.remat: either one
+    True becomes remat_policy="full" (the same numbers; both towers now recompute their blocks)."""
+    model = values.get("model")
+    if not isinstance(model, dict):
+        return values
+    towers = [t for t in ("image", "text") if isinstance(model.get(t), dict) and "remat" in model[t]]
+    if not towers:
+        return values
+    model = dict(model)
+    flags = [model[t]["remat"] for t in towers]
+    for t in towers:
+        model[t] = {k: v for k, v in model[t].items() if k != "remat"}
+    model.setdefault("remat_policy", "full" if any(flags) else "none")
+    return dict(values, model=model)
+
+
 def _update_locked(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+    if not prefix:
+        values = _migrate_remat(values)
     for key, value in values.items():
         if not prefix and key == "init_from" and isinstance(value, str):  # configs saved before init_from.format
             value = {"format": "vlp", "path": value}

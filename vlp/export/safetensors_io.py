@@ -10,10 +10,14 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from vlp.models.layout import unstack_layers
+
 
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
-    """{"image": {"patch_embed": {"kernel": a}}} -> {"image/patch_embed/kernel": a} (numpy, contiguous)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+    """{"image": {"patch_embed": {"kernel": a}}} -> {"image/patch_embed/kernel": a} (numpy, contiguous), with
+    per-layer names (`encoder/block_{i}/...`) whether or not the run scanned its layers: every export and import
+    speaks this layout."""
+    flat = unstack_layers(traverse_util.flatten_dict(params, sep="/"))
     return {k: np.array(v, order="C") for k, v in flat.items()}  # (ascontiguousarray makes scalars 1-d)
 
 

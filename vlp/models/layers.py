@@ -167,6 +167,9 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+        return self._forward(x, mask, causal)
+
+    def _forward(self, x: jax.Array, mask: jax.Array | None, causal: bool) -> jax.Array:
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
         y = Attention(self.num_heads, self.fused_qkv, self.dtype, name="attn")(y, mask=mask, causal=causal)
@@ -176,8 +179,45 @@ class EncoderBlock(nn.Module):
         return constrain(x + y, ("batch", "length", "embed"))
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+
+
+def remat_policy_fn(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy of a `remat_policy` name (None for "full": save nothing, recompute the block).
+
+    `offload_dots` keeps the matmul outputs without batch dimensions in pinned host memory instead of recomputing
+    them; it needs a backend with a `pinned_host` memory space (TPU, GPU)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; valid: {REMAT_POLICIES}")
+    if name == "offload_dots":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        platform = jax.devices()[0].platform
+        if "pinned_host" not in kinds or platform == "cpu":
+            raise ValueError(f"remat policy 'offload_dots' needs host offload (a pinned_host memory space on a GPU "
+                             f"or TPU); the {platform} backend has none usable; valid here: "
+                             f"{REMAT_POLICIES[:-1]}")
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+            "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+class _ScanBlock(EncoderBlock):
+    """An EncoderBlock in `nn.scan`'s (carry, x) -> (carry, y) form; `causal` is an attribute (a static bool)."""
+
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
+        return self._forward(x, mask, self.causal), None
+
+
 class Encoder(nn.Module):
-    """A stack of `depth` pre-LN blocks, [B, T, D] -> [B, T, D] (no final norm: the towers own it)."""
+    """A stack of `depth` pre-LN blocks, [B, T, D] -> [B, T, D] (no final norm: the towers own it).
+
+    `scan=False`: blocks `block_0` ... `block_{depth-1}`, each compiled. `scan=True`: one block under `nn.scan`,
+    params `blocks/...` with a leading [depth] axis (logical name `layers`); `vlp.models.layout` converts between
+    the two. `remat_policy` (REMAT_POLICIES) chooses what each block keeps for the backward pass.
+    """
 
     depth: int
     num_heads: int
@@ -185,17 +225,29 @@ class Encoder(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-6
     fused_qkv: bool = True
-    remat: bool = False
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
-        block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+        policy = remat_policy_fn(self.remat_policy)
+        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation, ln_eps=self.ln_eps,
+                      fused_qkv=self.fused_qkv, dtype=self.dtype)
+        if self.scan:
+            block_cls = _ScanBlock
+            if self.remat_policy != "none":  # prevent_cse=False: scan already stops XLA merging the recomputation
+                block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+            blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=nn.broadcast, length=self.depth,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = blocks(**kwargs, causal=causal, name="blocks")(x, mask)
+            return x
+        block_cls = EncoderBlock
+        if self.remat_policy != "none":
+            block_cls = nn.remat(EncoderBlock, policy=policy, static_argnums=(3,))
         for i in range(self.depth):
-            x = block_cls(
-                self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv, self.dtype,
-                name=f"block_{i}",
-            )(x, mask, causal)
+            x = block_cls(**kwargs, name=f"block_{i}")(x, mask, causal)
         return x
 
 

@@ -42,6 +42,7 @@ class MaeDecoder(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False  # as the towers' (model.scan_layers): one param layout for the whole model
 
     @nn.compact
     def __call__(self, tokens: jax.Array, keep: jax.Array) -> jax.Array:
@@ -55,8 +56,8 @@ class MaeDecoder(nn.Module):
         full = full.at[jnp.arange(b)[:, None], keep].set(visible)  # unshuffle: visible tokens back in place
         full = full + jnp.asarray(layers.sincos_2d(*self.grid, self.width), x.dtype)[None]
         x = jnp.concatenate([cls, full], axis=1)
-        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, True, False,
-                           self.dtype, name="blocks")(x)
+        x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, True, "none",
+                           self.dtype, scan=self.scan_layers, name="blocks")(x)
         x = layers.layer_norm(self.ln_eps, self.dtype, "ln")(x)
         pred = layers.Linear((self.patch_pixels,), ("mlp", None), dtype=self.dtype, name="pred")(x[:, self.num_cls:])
         return pred.astype(jnp.float32)

@@ -69,7 +69,8 @@ class ViT(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-5
     fused_qkv: bool = True
-    remat: bool = False
+    remat_policy: str = "none"  # layers.REMAT_POLICIES
+    scan_layers: bool = False  # blocks under nn.scan (params encoder/blocks/..., a leading [depth] axis)
     mask_token: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -118,7 +119,7 @@ class ViT(nn.Module):
         if self.ln_pre:
             x = layers.layer_norm(self.ln_eps, self.dtype, "ln_pre")(x)
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
-                           self.remat, self.dtype, name="encoder")(x)
+                           self.remat_policy, self.dtype, scan=self.scan_layers, name="encoder")(x)
         x = layers.layer_norm(self.ln_eps, self.dtype, "ln_post")(x)
         if self.pool == "cls":
             pooled = x[:, 0]

@@ -28,7 +28,7 @@ class MaeObjective(ImageOnlyObjective):
                              f"keeps the same number of visible patches), got {config.mim.masked_image_fraction}")
         mim = config.mim
         self.decoder = dict(width=mim.decoder_width, depth=mim.decoder_depth, num_heads=mim.decoder_heads,
-                            mlp_dim=mim.decoder_mlp_dim)
+                            mlp_dim=mim.decoder_mlp_dim, scan_layers=config.model.scan_layers)
         self.model = Mae(self.image_kwargs, self.decoder, self.grid,
                          dtype=resolve_compute_dtype(config.precision.compute_dtype))
         n = self.grid[0] * self.grid[1]

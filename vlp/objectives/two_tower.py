@@ -28,8 +28,13 @@ def image_tower_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
         sizes = dict(width=shape.width, depth=shape.depth, mlp_dim=shape.mlp_dim, num_heads=shape.num_heads,
                      patch_size=shape.patch_size)
     return dict(sizes, pool=image.pool, posemb=image.posemb, num_cls_tokens=image.num_cls_tokens,
-                ln_pre=image.ln_pre, patch_bias=image.patch_bias, remat=image.remat, activation=model.activation,
-                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
+                ln_pre=image.ln_pre, patch_bias=image.patch_bias, activation=model.activation,
+                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv, **stacking_kwargs(model))
+
+
+def stacking_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """How every transformer stack of the model is compiled: `model.remat_policy`, `model.scan_layers`."""
+    return dict(remat_policy=model.remat_policy, scan_layers=model.scan_layers)
 
 
 def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
@@ -42,9 +47,8 @@ def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, ma
                          f"{tokenizer.vocab_size} or leave it unset")
     return dict(vocab_size=vocab_size, max_len=max_len, width=text.width, depth=text.depth,
                 mlp_dim=text.mlp_dim, num_heads=text.num_heads, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                causal=text.causal, padding_mask=text.padding_mask, pool=text.pool, remat=text.remat,
-                activation=model.activation,
-                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv)
+                causal=text.causal, padding_mask=text.padding_mask, pool=text.pool, activation=model.activation,
+                ln_eps=model.ln_eps, fused_qkv=model.fused_qkv, **stacking_kwargs(model))
 
 
 def build_two_tower(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TwoTower:
@@ -141,7 +145,9 @@ class TwoTowerObjective(Objective):
         out = super().model_config()
         out["tokenizer"] = {"vocab_size": self.tokenizer.vocab_size, "eos_id": self.tokenizer.eos_id,
                             "pad_id": self.tokenizer.pad_id, "max_len": self.config.data.max_text_len}
-        out["image_tower"] = self.model.image
-        out["text_tower"] = self.model.text
+        # Exported weights are always per-layer and remat is a compile choice: neither belongs to the architecture.
+        compile_only = ("remat_policy", "scan_layers")
+        out["image_tower"] = {k: v for k, v in self.model.image.items() if k not in compile_only}
+        out["text_tower"] = {k: v for k, v in self.model.text.items() if k not in compile_only}
         out["image_size"] = self.config.data.image_size
         return out

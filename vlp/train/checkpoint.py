@@ -39,9 +39,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vlp.models.layout import layout_of, restack
 from vlp.train.paths import as_path
 
 log = logging.getLogger(__name__)
+
+
+def convert_layout(tree: Any, abstract: Any) -> Any:
+    """`tree` (restored arrays) in the layer layout of `abstract` (ShapeDtypeStructs with shardings), placed on
+    those shardings; `tree` itself when the layouts already agree."""
+    wanted = layout_of(abstract)
+    if wanted is None or layout_of(tree) in (None, wanted):
+        return tree
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    return jax.jit(lambda t: restack(t, wanted), out_shardings=shardings)(tree)
 
 
 class CheckpointWriteError(OSError):
@@ -168,16 +179,32 @@ class Checkpointer:
         steps = list(reversed(self.all_steps()))
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        tree = {"params": abstract_params}
-        args = ocp.args.PyTreeRestore(item=tree, partial_restore=True, restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), tree))
-        step, restored, _ = self._newest_readable(steps, lambda path: self._params_reader.restore(
-            path / "state", args=args))
-        return step, restored["params"]
+        def read(path: epath.Path) -> Any:
+            tree = {"params": self._in_saved_layout(path, abstract_params)}
+            args = ocp.args.PyTreeRestore(item=tree, partial_restore=True, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), tree))
+            return convert_layout(self._params_reader.restore(path / "state", args=args)["params"], abstract_params)
+
+        step, params, _ = self._newest_readable(steps, read)
+        return step, params
+
+    def _in_saved_layout(self, path: epath.Path, abstract: Any) -> Any:
+        """`abstract` with its transformer stacks in the layout of the checkpoint at `path` (scanned or per-layer:
+        a run may change model.scan_layers between its checkpoints, or read another run's)."""
+        saved = layout_of(self._params_reader.metadata(path / "state").tree)
+        wanted = layout_of(abstract)
+        if saved is None or wanted is None or saved == wanted:
+            return abstract
+        log.warning("checkpoint %s holds %s layer params; converting them for model.scan_layers=%s", path,
+                    "scanned (stacked)" if saved else "per-layer", wanted)
+        return restack(abstract, saved)
 
     def _train_state_reader(self, abstract_state: Any, with_data: bool) -> Callable[[epath.Path], Any]:
         def read(path: epath.Path) -> Any:
-            state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+            saved_layout = self._in_saved_layout(path, abstract_state)
+            state = self._state_reader.restore(path / "state", args=ocp.args.StandardRestore(saved_layout))
+            if saved_layout is not abstract_state:  # params and optimizer moments alike
+                state = convert_layout(state, abstract_state)
             if with_data:  # this process's position; it is applied to the iterator after the agreement
                 json.loads((path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
                            .read_text())

@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from vlp.export.common import ExportError, ModelSpec
 from vlp.export.load import checkpoint_overrides, load_flat_params
+from vlp.models.layout import layout_of, stack_layers, unstack_layers
 
 
 def check_config_matches(config: ml_collections.ConfigDict, fmt: str, path: str) -> None:
@@ -44,8 +45,11 @@ def load_init_params(config: ml_collections.ConfigDict, objective: Any, abstract
     model = getattr(objective, "model", None)
     spec = ModelSpec.from_model(model, config.data.image_size) if hasattr(model, "image_projection") else None
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
-    expected = {k: tuple(v.shape) for k, v in flat_abstract.items()}
+    # Every format holds per-layer names; a run with model.scan_layers=True stacks them after reading.
+    expected = {k: tuple(v.shape) for k, v in unstack_layers(flat_abstract).items()}
     flat = load_flat_params(fmt, path, spec, expected)
+    if layout_of(flat_abstract):
+        flat = stack_layers(flat)
     placed = {k: jax.device_put(flat[k].astype(v.dtype), v.sharding) for k, v in flat_abstract.items()}
     return traverse_util.unflatten_dict(placed, sep="/")
 
