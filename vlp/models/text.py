@@ -53,6 +53,7 @@ class TextTransformer(nn.Module):
     ln_eps: float = 1e-5
     fused_qkv: bool = True
     remat: bool = False
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -73,6 +74,6 @@ class TextTransformer(nn.Module):
         if not self.causal and self.padding_mask:
             mask = (tokens != self.pad_id)[:, None, None, :]
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
-                           self.remat, self.dtype, name="encoder")(x, mask, self.causal)
+                           self.remat, self.dtype, self.attention, name="encoder")(x, mask, self.causal)
         x = layers.layer_norm(self.ln_eps, self.dtype, "ln_final")(x)
         return pool_text(tokens, x, self.pool, self.eos_id, self.pad_id), x
