@@ -162,14 +162,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    batch, q_len, heads, head_dim = q.shape
+    batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     if mask is not None and (mask.ndim != 4 or mask.shape[1:3] != (1, 1)):
         raise ValueError(f"splash attention supports key-padding masks [B, 1, 1, S] and causal masks, got a mask of "
                          f"shape {mask.shape}; use model.attention='xla'")
-    block = 128
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, -x.shape[1] % block), (0, 0), (0, 0))[:x.ndim])  # noqa: E731
-    q_p, k_p, v_p = pad(q * (1.0 / np.sqrt(head_dim)).astype(q.dtype), q_len), pad(k, kv_len), pad(v, kv_len)
+    block = 128  # BlockSizes.get_default()
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % block), (0, 0), (0, 0)))  # noqa: E731  (the length axis)
+    q_p, k_p, v_p = pad(q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)), pad(k), pad(v)
     key_valid = jnp.ones((batch, kv_len), bool) if mask is None else jnp.broadcast_to(mask[:, 0, 0], (batch, kv_len))
     kv_ids = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, k_p.shape[1] - kv_len)))
     q_ids = jnp.ones((batch, q_p.shape[1]), jnp.int32)
