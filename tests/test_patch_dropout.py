@@ -59,23 +59,11 @@ def test_kept_patches_are_distinct_and_differ_per_example_and_step():
     np.testing.assert_array_equal(np.asarray(patch_dropout_keep(step_key(3), 8, 49, 12)), keep[:8])
 
 
-def test_vit_sees_only_the_kept_patches(batch):
-    exp = build_experiment(tiny_config(**DROPOUT))
-    objective = exp.objective
-    params = jax.device_get(exp.init_state().params)
-    inputs = objective.add_step_inputs({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1), True)
-    keep = np.asarray(inputs["patch_keep"])
-    assert keep.shape == (16, 8)
-    image_params = {"params": params["image"]}
-    vit = ViT(**objective.model.image)
-    _, tokens = vit.apply(image_params, inputs["image"], keep=inputs["patch_keep"])
-    assert tokens.shape == (16, 1 + 8, 32)
-    # Keeping every patch in a shuffled order gives the full model's CLS output (attention is permutation-invariant)
-    # only if each token kept its own position embedding: the gather comes after the position embedding.
-    everything = np.stack([np.random.default_rng(i).permutation(16) for i in range(16)]).astype(np.int32)
-    pooled_all, _ = vit.apply(image_params, inputs["image"], keep=jnp.asarray(everything))
-    pooled_full, _ = vit.apply(image_params, inputs["image"])
-    np.testing.assert_allclose(pooled_all, pooled_full, rtol=1e-5, atol=1e-5)
+@pytest.fixture(scope="module")
+def dropped():
+    """The tiny CLIP experiment with patch dropout 0.5 and an unmasked phase from step 4, and its initial params."""
+    exp = build_experiment(tiny_config(**DROPOUT, **{"model.image.patch_dropout_until_step": "4"}))
+    return exp, jax.device_get(exp.init_state().params)
 
 
 def loss_of(exp, params, batch, rng, patch_dropout):
@@ -86,48 +74,67 @@ def loss_of(exp, params, batch, rng, patch_dropout):
                                                            rng)[0])(params, batch))
 
 
-def test_no_dropout_at_evaluation(batch):
-    plain = build_experiment(tiny_config())
-    dropped = build_experiment(tiny_config(**DROPOUT))
-    params = jax.device_get(plain.init_state().params)
-    images = jnp.asarray(batch["image"])
-    # Evaluation encoders are the same function of the params with or without training-time patch dropout.
-    np.testing.assert_array_equal(plain.objective.encode_image(params, images),
-                                  dropped.objective.encode_image(params, images))
-    rng = jax.random.key(2)
-    loss_plain = loss_of(plain, params, batch, rng, True)
-    assert abs(loss_of(dropped, params, batch, rng, True) - loss_plain) > 1e-4  # training really drops patches
-    assert loss_of(dropped, params, batch, rng, False) == pytest.approx(loss_plain, rel=1e-6)  # the unmasked phase
-
-
-def test_unmasked_phase_starts_at_patch_dropout_until_step(batch):
-    exp = build_experiment(tiny_config(**DROPOUT, **{"model.image.patch_dropout_until_step": "4"}))
-    objective = exp.objective
-    params = jax.device_get(exp.init_state().params)
+@pytest.fixture(scope="module")
+def losses(dropped, batch):
+    """Losses of the same params and step rng: with patch dropout, in the unmasked phase, and without dropout."""
+    exp, params = dropped
     rng = jax.random.key(3)
-    with_dropout, without = loss_of(exp, params, batch, rng, True), loss_of(exp, params, batch, rng, False)
-    assert abs(with_dropout - without) > 1e-4
+    plain = build_experiment(tiny_config())
+    return {"rng": rng, "dropout": loss_of(exp, params, batch, rng, True),
+            "unmasked": loss_of(exp, params, batch, rng, False), "plain": loss_of(plain, params, batch, rng, True)}
+
+
+def test_vit_sees_only_the_kept_patches(dropped, batch):
+    exp, params = dropped
+    inputs = exp.objective.add_step_inputs({k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(1), True)
+    assert inputs["patch_keep"].shape == (16, 8)
+    image_params = {"params": params["image"]}
+    apply = jax.jit(ViT(**exp.objective.model.image).apply)
+    _, tokens = apply(image_params, inputs["image"], keep=inputs["patch_keep"])
+    assert tokens.shape == (16, 1 + 8, 32)
+    # Keeping every patch in a shuffled order gives the full model's CLS output (attention is permutation-invariant)
+    # only if each token kept its own position embedding: the gather comes after the position embedding.
+    everything = np.stack([np.random.default_rng(i).permutation(16) for i in range(16)]).astype(np.int32)
+    pooled_all, _ = apply(image_params, inputs["image"], keep=jnp.asarray(everything))
+    pooled_full, _ = apply(image_params, inputs["image"])
+    np.testing.assert_allclose(pooled_all, pooled_full, rtol=1e-5, atol=1e-5)
+
+
+def test_no_dropout_at_evaluation(dropped, losses, batch):
+    exp, params = dropped
+    images = jnp.asarray(batch["image"])
+    # The evaluation encoder is the plain model: the ViT on every patch, whatever training drops.
+    reference, _ = ViT(**exp.objective.model.image).apply({"params": params["image"]}, images)
+    with_projection = np.asarray(reference) @ np.asarray(params["image_proj"]["kernel"])
+    expected = with_projection / np.linalg.norm(with_projection, axis=-1, keepdims=True)
+    np.testing.assert_allclose(exp.objective.encode_image(params, images), expected, rtol=1e-5, atol=1e-6)
+    assert abs(losses["dropout"] - losses["plain"]) > 1e-4  # training really drops patches
+    assert losses["unmasked"] == pytest.approx(losses["plain"], rel=1e-6)  # the unmasked phase is the plain model
+
+
+def test_unmasked_phase_starts_at_patch_dropout_until_step(dropped, losses, batch):
+    exp, params = dropped
+    objective = exp.objective
     with exp.context():
         grads = jax.jit(step_grad_fn(objective, jax.value_and_grad(objective.loss_fn, has_aux=True)))
-        for step, expected in [(0, with_dropout), (3, with_dropout), (4, without), (7, without)]:
-            (loss, _), _ = grads(params, batch, rng, jnp.int32(step))
-            assert float(loss) == pytest.approx(expected, rel=1e-6), step
+        for step, expected in [(0, "dropout"), (3, "dropout"), (4, "unmasked"), (7, "unmasked")]:
+            (loss, _), _ = grads(params, batch, losses["rng"], jnp.int32(step))
+            assert float(loss) == pytest.approx(losses[expected], rel=1e-6), step
 
 
-def test_the_train_step_draws_from_seed_and_step_only(batch):
+def test_the_train_step_draws_from_seed_and_step_only(dropped, batch):
     """Resume exactness: the patches a step drops are a function of (seed, step, row) - not of how the run got to
     that step - so a restarted run at step s trains exactly what the uninterrupted one did."""
-    config = tiny_config(**DROPOUT)
-    exp = build_experiment(config)
+    exp, _ = dropped
     state = exp.init_state()
     with exp.context():
-        step = jax.jit(make_train_step(exp.objective, exp.optimizer, exp.schedule, config.seed))
-        losses = {s: float(step(state.replace(step=jnp.int32(s)), batch)[1]["loss"]) for s in (5, 6)}
-        assert float(step(state.replace(step=jnp.int32(5)), batch)[1]["loss"]) == losses[5]
-    assert losses[5] != losses[6]
+        step = jax.jit(make_train_step(exp.objective, exp.optimizer, exp.schedule, exp.config.seed))
+        first = {s: float(step(state.replace(step=jnp.int32(s)), batch)[1]["loss"]) for s in (2, 3)}
+        assert float(step(state.replace(step=jnp.int32(2)), batch)[1]["loss"]) == first[2]
+    assert first[2] != first[3]
     # ... and it is exactly the objective's loss on the patches drawn from fold_in(key(seed), step).
-    rng = jax.random.fold_in(jax.random.key(config.seed), 5)
-    assert losses[5] == pytest.approx(loss_of(exp, state.params, batch, rng, True), rel=1e-6)
+    rng = jax.random.fold_in(jax.random.key(exp.config.seed), 2)
+    assert first[2] == pytest.approx(loss_of(exp, jax.device_get(state.params), batch, rng, True), rel=1e-6)
 
 
 def step_grads(mesh_shape, num_devices, batch, initial_params=None, **overrides):
