@@ -122,6 +122,20 @@ BAD_CONFIGS = {
     "watchdog_negative_absolute_limit": (
         {"watchdog.max_step_seconds": "-5"}, r"watchdog.max_step_seconds=-5.0 must be >= 0 \(0 = no absolute limit"),
     "watchdog_no_warmup": ({"watchdog.warmup_steps": "0"}, r"watchdog.warmup_steps=0 must be a positive integer"),
+    "patch_dropout_of_every_patch": ({"model.image.patch_dropout": "1.0"},
+                                     r"model.image.patch_dropout=1.0 must be in \[0, 1\)"),
+    "patch_dropout_until_step_without_dropout": (
+        {"model.image.patch_dropout_until_step": "4"},
+        r"model.image.patch_dropout_until_step=4 ends a patch dropout that is off .*set patch_dropout > 0"),
+    "patch_dropout_until_step_beyond_the_run": (
+        {"model.image.patch_dropout": "0.5", "model.image.patch_dropout_until_step": "9"},
+        r"model.image.patch_dropout_until_step=9 must be unset or in \[1, total_steps=8\]"),
+    "gpu_attention_kernel_on_cpu": (
+        {"model.attention": "cudnn"},
+        r"model.attention='cudnn': attention implementation 'cudnn' needs an NVIDIA GPU but the JAX backend is "
+        r"'cpu'; valid on cpu: \['auto', 'xla'\]"),
+    "unknown_attention_kernel": (
+        {"model.attention": "flash"}, r"model.attention='flash': unknown attention implementation 'flash'; valid: "),
 }
 
 

@@ -59,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
             variant=config_dict.placeholder(str),  # e.g. "B/16": sets width/depth/mlp_dim/num_heads/patch_size
             width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8,
             pool="cls", posemb="learn", num_cls_tokens=1, ln_pre=True, patch_bias=False,
+            # FLIP patch dropout (two-tower objectives): the share of patch tokens each training image drops, drawn
+            # per example from (seed, step, row); never at evaluation. 0.5 roughly halves the image tower's cost.
+            patch_dropout=0.0,
+            # Steps >= this train without patch dropout (FLIP's final unmasked phase); unset = dropout throughout.
+            patch_dropout_until_step=config_dict.placeholder(int),
         ),
         text=dict(
             width=128, depth=2, mlp_dim=512, num_heads=4, causal=True, pool="eot",
@@ -82,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
         activation="gelu",  # gelu (exact) | gelu_tanh | quick_gelu (OpenAI CLIP weights)
         ln_eps=1e-5,
         fused_qkv=True,
+        # Attention implementation: auto (the backend's fastest: cudnn on NVIDIA GPUs with bf16/fp16 compute, splash
+        # on TPU, else xla) | xla (everywhere) | cudnn (NVIDIA GPU flash attention) | splash (TPU Pallas kernel).
+        attention="auto",
         logit_scale_init=1 / 0.07,
         logit_scale_max=100.0,
         logit_scale_parameterization="log",  # log (CLIP) | temperature (ALIGN: divide by a learnable T)
@@ -381,6 +389,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"model.image.{patch_key}: patch size {patch_size} does not divide data.image_size={size}; valid patch "
            f"sizes for this image size: {[p for p in range(1, size + 1) if size % p == 0]}")
     _check(image.pool in vit.POOLINGS, f"model.image.pool={image.pool!r}; valid: {vit.POOLINGS}")
+    _validate_patch_dropout(config)
+    try:
+        layers.resolve_attention(config.model.attention, layers.attention_backend(), config.precision.compute_dtype)
+    except ValueError as e:
+        raise ValueError(f"invalid config: model.attention={config.model.attention!r}: {e}") from e
     _check(config.model.text.pool in text.TEXT_POOLINGS,
            f"model.text.pool={config.model.text.pool!r}; valid: {text.TEXT_POOLINGS}")
     _check(config.model.remat_policy in layers.REMAT_POLICIES,
@@ -424,6 +437,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
             except ValueError as e:
                 raise ValueError(f"invalid config: evals.{name}.type='zeroshot' needs class names: {e} (or set "
                                  f"evals.{name}.class_names, or remove evals.{name})") from e
+
+
+def _validate_patch_dropout(config: ml_collections.ConfigDict) -> None:
+    image = config.model.image
+    rate, until = image.patch_dropout, image.patch_dropout_until_step
+    _check(isinstance(rate, (int, float)) and 0 <= rate < 1,
+           f"model.image.patch_dropout={rate!r} must be in [0, 1) (the share of patch tokens dropped; FLIP: 0.5)")
+    _check(until is None or (isinstance(until, int) and 0 < until <= config.total_steps),
+           f"model.image.patch_dropout_until_step={until!r} must be unset or in [1, total_steps="
+           f"{config.total_steps}] (the first step trained without patch dropout)")
+    _check(until is None or rate > 0,
+           f"model.image.patch_dropout_until_step={until} ends a patch dropout that is off "
+           f"(model.image.patch_dropout=0.0): set patch_dropout > 0 or unset patch_dropout_until_step")
 
 
 def _validate_watchdog(watchdog: ml_collections.ConfigDict) -> None:

@@ -35,13 +35,14 @@ def map_head_forward_flops(tokens: int, width: int, mlp_dim: int) -> float:
 
 
 def vit_forward_flops(image_size: int, patch_size: int, width: int, depth: int, mlp_dim: int,
-                      num_cls_tokens: int = 1, pool: str = "cls") -> float:
+                      num_cls_tokens: int = 1, pool: str = "cls", kept_patches: int | None = None) -> float:
     """Forward FLOPs of the ViT image tower on one image: patch embedding, blocks and (for `map`) the head.
 
-    CLS tokens exist only with `pool="cls"` (as in `vlp.models.vit.ViT`).
+    CLS tokens exist only with `pool="cls"` (as in `vlp.models.vit.ViT`). `kept_patches`: the patch tokens the
+    blocks see under FLIP patch dropout (every patch is still embedded).
     """
     patches = (image_size // patch_size) ** 2
-    tokens = patches + (num_cls_tokens if pool == "cls" else 0)
+    tokens = (patches if kept_patches is None else kept_patches) + (num_cls_tokens if pool == "cls" else 0)
     embed = 2 * patches * patch_size * patch_size * 3 * width
     head = map_head_forward_flops(tokens, width, mlp_dim) if pool == "map" else 0.0
     return embed + encoder_forward_flops(tokens, width, depth, mlp_dim) + head

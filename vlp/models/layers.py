@@ -107,17 +107,109 @@ def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+# model.attention: which kernel computes softmax(q k^T / sqrt(d) + mask) v. `auto` follows the backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+_KERNEL_BACKENDS = {"cudnn": ("cuda", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
+_HALF_DTYPES = ("bfloat16", "float16")
+
+
+def attention_backend() -> str:
+    """jax's default backend, with NVIDIA ("cuda") and AMD ("rocm") GPUs told apart (both are "gpu" to jax)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
+
+
+def resolve_attention(name: str, backend: str, dtype: str | Dtype = "auto", head_dim: int | None = None) -> str:
+    """The implementation `name` means on `backend` (`attention_backend()`) for compute `dtype` ("auto" = bf16
+    off CPU): `auto` picks cuDNN flash attention on NVIDIA GPUs (bf16/fp16, head_dim a multiple of 8 up to 128),
+    the Pallas splash kernel on TPU, else XLA. An explicit kernel that the backend or dtype cannot run raises a
+    ValueError naming the backend and the valid choices.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; valid: {ATTENTION_IMPLEMENTATIONS}")
+    if str(dtype) == "auto":
+        dtype = "float32" if backend == "cpu" else "bfloat16"
+    dtype = str(jnp.dtype(dtype))
+    if name == "auto":
+        if backend == "cuda":
+            flash_ok = dtype in _HALF_DTYPES and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128))
+            return "cudnn" if flash_ok else "xla"
+        return "splash" if backend == "tpu" else "xla"
+    if name in _KERNEL_BACKENDS and backend != _KERNEL_BACKENDS[name][0]:
+        valid = ["auto", "xla"] + [k for k, (b, _) in _KERNEL_BACKENDS.items() if b == backend]
+        raise ValueError(f"attention implementation {name!r} needs {_KERNEL_BACKENDS[name][1]} but the JAX backend "
+                         f"is {backend!r}; valid on {backend}: {valid}")
+    if name == "cudnn" and dtype not in _HALF_DTYPES:
+        raise ValueError(f"attention implementation 'cudnn' computes in bf16/fp16 only, but the compute dtype is "
+                         f"{dtype}; set precision.compute_dtype='bfloat16' (or 'auto'), or use 'xla'")
+    return name
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, causal: bool = False,
+                     interpret: bool = False) -> jax.Array:
+    """TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention) with jax.nn.dot_product_attention's
+    interface: q [B, T, N, H], k, v [B, S, N, H] -> [B, T, N, H]; `mask` a key-padding mask [B, 1, 1, S] (True =
+    attend, as the text tower's); `causal` the lower-triangular mask. `interpret=True` runs the kernel in the
+    Pallas interpreter (any backend: tests).
+
+    The kernel takes [N, T, H] per example, does not scale q and needs lengths in multiples of its 128 blocks:
+    q is scaled by 1/sqrt(H), T and S are padded, and padded or masked keys get another segment id than the
+    queries (splash's segment ids: a query attends to keys of its own id). Under a mesh the kernel runs in a
+    shard_map over the batch and heads axes of the logical rule table (a Pallas call is not auto-partitioned).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    if mask is not None and (mask.ndim != 4 or mask.shape[1:3] != (1, 1)):
+        raise ValueError(f"splash attention supports key-padding masks [B, 1, 1, S] and causal masks, got a mask of "
+                         f"shape {mask.shape}; use model.attention='xla'")
+    block = 128  # BlockSizes.get_default()
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, -x.shape[1] % block), (0, 0), (0, 0)))  # noqa: E731  (the length axis)
+    q_p, k_p, v_p = pad(q * jnp.asarray(1.0 / np.sqrt(head_dim), q.dtype)), pad(k), pad(v)
+    key_valid = jnp.ones((batch, kv_len), bool) if mask is None else jnp.broadcast_to(mask[:, 0, 0], (batch, kv_len))
+    kv_ids = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, k_p.shape[1] - kv_len)))
+    q_ids = jnp.ones((batch, q_p.shape[1]), jnp.int32)
+    to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+
+    def local(q_p, k_p, v_p, q_ids, kv_ids):
+        shape = (q_p.shape[1], k_p.shape[1])
+        one = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([one] * q_p.shape[2]), head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        out = jax.vmap(lambda q1, k1, v1, qi, ki: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(qi, ki)))(
+            to_heads_first(q_p), to_heads_first(k_p), to_heads_first(v_p), q_ids, kv_ids)
+        return to_heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(q_p, k_p, v_p, q_ids, kv_ids)
+    else:
+        qkv_spec = nn.logical_to_mesh_axes(("batch", None, "heads", None))
+        ids_spec = nn.logical_to_mesh_axes(("batch", None))
+        out = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (ids_spec,) * 2, out_specs=qkv_spec,
+                            check_vma=False)(q_p, k_p, v_p, q_ids, kv_ids)
+    return out[:, :q_len]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (or cross-attention when `kv_inputs` is given).
 
     Inputs [B, T, D] -> [B, T, D]. `mask` is a boolean [B, 1|heads, T, S] (True = attend); `causal` adds the
     lower-triangular mask. With `fused_qkv` one kernel [D, 3, heads, head_dim] computes q, k and v (as in
-    open_clip's `in_proj_weight`), else three kernels [D, heads, head_dim].
+    open_clip's `in_proj_weight`), else three kernels [D, heads, head_dim]. `implementation`: one of
+    `ATTENTION_IMPLEMENTATIONS` (`resolve_attention` says what `auto` is on this backend); all compute the same
+    function (cuDNN through `jax.nn.dot_product_attention(implementation="cudnn")`, layout [B, T, N, H], a boolean
+    mask becoming an additive bias; splash: `splash_attention`).
     """
 
     num_heads: int
     fused_qkv: bool = True
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -134,7 +226,11 @@ class Attention(nn.Module):
             q = dense((self.num_heads, head_dim), ("heads", "kv"), "query")(x)
             k = dense((self.num_heads, head_dim), ("heads", "kv"), "key")(x)
             v = dense((self.num_heads, head_dim), ("heads", "kv"), "value")(x)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+        implementation = resolve_attention(self.implementation, attention_backend(), self.dtype, head_dim)
+        if implementation == "splash":
+            out = splash_attention(q, k, v, mask, causal)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
         return Linear((width,), ("heads", "kv", "embed"), num_in_axes=2, dtype=self.dtype, name="out")(out)
 
 
@@ -164,6 +260,7 @@ class EncoderBlock(nn.Module):
     ln_eps: float = 1e-6
     fused_qkv: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -172,7 +269,8 @@ class EncoderBlock(nn.Module):
     def _forward(self, x: jax.Array, mask: jax.Array | None, causal: bool) -> jax.Array:
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
-        y = Attention(self.num_heads, self.fused_qkv, self.dtype, name="attn")(y, mask=mask, causal=causal)
+        y = Attention(self.num_heads, self.fused_qkv, self.dtype, self.attention, name="attn")(y, mask=mask,
+                                                                                               causal=causal)
         x = x + y
         y = layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
         y = Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
@@ -227,13 +325,14 @@ class Encoder(nn.Module):
     fused_qkv: bool = True
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # Attention.implementation
     scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
         policy = remat_policy_fn(self.remat_policy)
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation, ln_eps=self.ln_eps,
-                      fused_qkv=self.fused_qkv, dtype=self.dtype)
+                      fused_qkv=self.fused_qkv, dtype=self.dtype, attention=self.attention)
         if self.scan:
             block_cls = _ScanBlock
             if self.remat_policy != "none":  # prevent_cse=False: scan already stops XLA merging the recomputation

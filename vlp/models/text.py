@@ -54,6 +54,7 @@ class TextTransformer(nn.Module):
     fused_qkv: bool = True
     remat_policy: str = "none"  # layers.REMAT_POLICIES
     scan_layers: bool = False  # blocks under nn.scan (params encoder/blocks/..., a leading [depth] axis)
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -74,6 +75,7 @@ class TextTransformer(nn.Module):
         if not self.causal and self.padding_mask:
             mask = (tokens != self.pad_id)[:, None, None, :]
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
-                           self.remat_policy, self.dtype, scan=self.scan_layers, name="encoder")(x, mask, self.causal)
+                           self.remat_policy, self.dtype, self.attention, scan=self.scan_layers,
+                           name="encoder")(x, mask, self.causal)
         x = layers.layer_norm(self.ln_eps, self.dtype, "ln_final")(x)
         return pool_text(tokens, x, self.pool, self.eos_id, self.pad_id), x

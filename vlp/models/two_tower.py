@@ -29,7 +29,8 @@ class TwoTower(nn.Module):
 
     `encode_image(images [B, H, W, C]) -> [B, D]` and `encode_text(tokens [B, L]) -> [B, D]` return
     L2-normalised fp32 embeddings; `__call__` returns both plus `logit_scale` (the multiplier t, a scalar) and
-    `logit_bias` (a scalar, 0.0 when the model has no bias parameter).
+    `logit_bias` (a scalar, 0.0 when the model has no bias parameter). `patch_keep` [B, K] (training with FLIP
+    patch dropout): the patch tokens each image keeps (`vlp.models.vit.patch_dropout_keep`).
     `image` and `text` hold the keyword arguments of `ViT` and `TextTransformer`. `embed_dim=None` drops the
     projection of that tower (SigLIP's image side feeds the MAP head output directly).
     """
@@ -66,8 +67,8 @@ class TwoTower(nn.Module):
         if self.logit_bias_init is not None:
             self.bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
 
-    def encode_image(self, images: jax.Array) -> jax.Array:
-        pooled, _ = self.image_tower(images)
+    def encode_image(self, images: jax.Array, patch_keep: jax.Array | None = None) -> jax.Array:
+        pooled, _ = self.image_tower(images, keep=patch_keep)
         if self.image_proj is not None:
             pooled = self.image_proj(pooled)
         return l2_normalize(pooled)
@@ -100,9 +101,10 @@ class TwoTower(nn.Module):
     def logit_bias(self) -> jax.Array:
         return self.bias if self.logit_bias_init is not None else jnp.zeros((), jnp.float32)
 
-    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, tokens: jax.Array,
+                 patch_keep: jax.Array | None = None) -> dict[str, jax.Array]:
         return {
-            "image_emb": self.encode_image(images),
+            "image_emb": self.encode_image(images, patch_keep),
             "text_emb": self.encode_text(tokens),
             "logit_scale": self.logit_scale(),
             "logit_bias": self.logit_bias(),

@@ -41,6 +41,26 @@ def vit_shape(variant: str) -> VitShape:
     return VitShape(*VIT_SIZES[match.group(1)], int(match.group(2)))
 
 
+def num_kept_patches(num_patches: int, patch_dropout: float) -> int:
+    """FLIP patch dropout keeps round((1 - p) * N) of N patch tokens (at least one)."""
+    if not 0 <= patch_dropout < 1:
+        raise ValueError(f"patch dropout {patch_dropout} must be in [0, 1)")
+    return max(1, round((1.0 - patch_dropout) * num_patches))
+
+
+def patch_dropout_keep(rng: jax.Array, batch_size: int, num_patches: int, num_keep: int) -> jax.Array:
+    """FLIP patch dropout: the indices [B, num_keep] (ascending, distinct) of the patch tokens each example keeps.
+
+    Example i draws from `fold_in(rng, i)`: `i` is its row in the global batch, so the draw depends neither on how
+    the batch is sharded nor on micro-batching, and a step's `rng` (a function of seed and step) fixes it. The
+    indices feed `ViT(keep=...)`, which gathers them after the position embedding (CLS tokens are always kept).
+    """
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch_size))
+    scores = jax.vmap(lambda key: jax.random.uniform(key, (num_patches,)))(keys)
+    _, keep = jax.lax.top_k(scores, num_keep)  # distinct indices of the num_keep largest scores
+    return jnp.sort(keep, axis=1).astype(jnp.int32)
+
+
 POOLINGS = ("cls", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
 
@@ -51,7 +71,8 @@ class ViT(nn.Module):
     images [B, H, W, C] float -> (pooled [B, width], tokens [B, num_cls + N, width]).
     Masked-image modelling: `mask` [B, N] bool (True = masked) replaces those patch embeddings with a learned
     mask token (SimMIM, iBOT, EVA; needs `mask_token=True`); `keep` [B, N_vis] int keeps only those patches
-    (after the position embedding: MAE's encoder on visible tokens), so tokens are [B, num_cls + N_vis, width].
+    (after the position embedding: MAE's encoder on visible tokens, FLIP's patch dropout, see
+    `patch_dropout_keep`), so tokens are [B, num_cls + N_vis, width].
     `pool`: `cls` (first CLS token, CLIP), `gap` (mean of patch tokens), `map` (attention pooling, SigLIP).
     `ln_pre` is CLIP's LayerNorm before the blocks (Hugging Face `pre_layrnorm`).
     """
@@ -71,6 +92,7 @@ class ViT(nn.Module):
     fused_qkv: bool = True
     remat_policy: str = "none"  # layers.REMAT_POLICIES
     scan_layers: bool = False  # blocks under nn.scan (params encoder/blocks/..., a leading [depth] axis)
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
     mask_token: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -112,6 +134,7 @@ class ViT(nn.Module):
             x = jnp.where(mask[..., None], token.astype(self.dtype), x)
         x = x + pos[num_cls:][None]
         if keep is not None:
+            keep = layers.constrain(keep, ("batch", None))  # gathered where the rows live
             x = jnp.take_along_axis(x, keep[..., None], axis=1)
         if num_cls:
             cls = cls.astype(self.dtype) + pos[None, :num_cls]
@@ -119,7 +142,8 @@ class ViT(nn.Module):
         if self.ln_pre:
             x = layers.layer_norm(self.ln_eps, self.dtype, "ln_pre")(x)
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
-                           self.remat_policy, self.dtype, scan=self.scan_layers, name="encoder")(x)
+                           self.remat_policy, self.dtype, self.attention, scan=self.scan_layers,
+                           name="encoder")(x)
         x = layers.layer_norm(self.ln_eps, self.dtype, "ln_post")(x)
         if self.pool == "cls":
             pooled = x[:, 0]

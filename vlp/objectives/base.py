@@ -24,6 +24,10 @@ class Objective(abc.ABC):
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        if config.model.image.patch_dropout and not self.supports_patch_dropout:
+            raise ValueError(f"invalid config: model.image.patch_dropout={config.model.image.patch_dropout} is not "
+                             f"supported by objective {config.objective!r}; set it to 0.0 (FLIP patch dropout is for "
+                             "the two-tower objectives: clip, align, siglip)")
 
     @abc.abstractmethod
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
@@ -63,6 +67,17 @@ class Objective(abc.ABC):
     def update_extra(self, extra: Any, params: Params, aux: Any, step: jax.Array) -> Any:
         """The extra state after the optimizer step (`params` are the updated student params)."""
         return extra
+
+    # FLIP patch dropout. The trainer trains the steps before `patch_dropout_until_step` (None: every step) on
+    # `add_step_inputs(batch, rng, patch_dropout=True)` and later steps (the final unmasked phase) on
+    # `patch_dropout=False`; objectives that support it set the first two in __init__.
+    supports_patch_dropout: bool = False
+    patch_dropout_until_step: int | None = None
+
+    def add_step_inputs(self, batch: dict[str, jax.Array], rng: jax.Array,
+                        patch_dropout: bool) -> dict[str, jax.Array]:
+        """The global batch plus inputs drawn from the step's `rng` (FLIP's kept patches); default: unchanged."""
+        return batch
 
     def train_example_transform(self, default: Any) -> Any:
         """The per-example grain transform of the training stream; `default` picks one caption per example."""

@@ -13,7 +13,7 @@ from vlp.data.tokenizer import Tokenizer, load_tokenizer
 from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
-from vlp.models.vit import vit_shape
+from vlp.models.vit import num_kept_patches, patch_dropout_keep, vit_shape
 from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
 from vlp.parallel.mesh import BATCH_AXES
 
@@ -33,8 +33,9 @@ def image_tower_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def stacking_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
-    """How every transformer stack of the model is compiled: `model.remat_policy`, `model.scan_layers`."""
-    return dict(remat_policy=model.remat_policy, scan_layers=model.scan_layers)
+    """How every transformer stack of the model is compiled: `model.remat_policy`, `model.scan_layers`,
+    `model.attention` (none of them changes the params)."""
+    return dict(remat_policy=model.remat_policy, scan_layers=model.scan_layers, attention=model.attention)
 
 
 def text_tower_kwargs(model: ml_collections.ConfigDict, tokenizer: Tokenizer, max_len: int) -> dict[str, Any]:
@@ -75,11 +76,26 @@ class TwoTowerObjective(Objective):
     """
 
     loss_kind: str = "softmax"
+    supports_patch_dropout = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.tokenizer = load_tokenizer(config.data.tokenizer or None)
         self.model = build_two_tower(config, self.tokenizer)
+        image = config.model.image
+        self.patch_dropout = image.patch_dropout
+        self.patch_dropout_until_step = image.patch_dropout_until_step if image.patch_dropout else None
+        num_patches = (config.data.image_size // self.model.image["patch_size"]) ** 2
+        self.num_patches, self.num_kept_patches = num_patches, num_kept_patches(num_patches, image.patch_dropout)
+
+    def add_step_inputs(self, batch: dict[str, jax.Array], rng: jax.Array,
+                        patch_dropout: bool) -> dict[str, jax.Array]:
+        """Adds `patch_keep` [B, K] (the patches each image keeps, drawn from the step's rng and the example's row
+        in the global batch) while patch dropout is on; evaluation paths never see it."""
+        if not (patch_dropout and self.patch_dropout):
+            return batch
+        keep = patch_dropout_keep(rng, batch["image"].shape[0], self.num_patches, self.num_kept_patches)
+        return dict(batch, patch_keep=keep)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.data.image_size
@@ -94,8 +110,9 @@ class TwoTowerObjective(Objective):
         return self.model.init(rng, jnp.asarray(batch["image"]), jnp.asarray(batch["text"]))["params"]
 
     def embed(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """image_emb, text_emb [B, D] (L2-normalised fp32), logit_scale and logit_bias (scalars)."""
-        return self.model.apply({"params": params}, batch["image"], batch["text"])
+        """image_emb, text_emb [B, D] (L2-normalised fp32), logit_scale and logit_bias (scalars); the image tower
+        sees only the patches in `batch["patch_keep"]` when present (`add_step_inputs`)."""
+        return self.model.apply({"params": params}, batch["image"], batch["text"], batch.get("patch_keep"))
 
     def loss_from_embeddings(self, out: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
         """The `loss_kind` contrastive loss of `embed`'s output over the global batch (sharded on the batch axes).
@@ -130,10 +147,12 @@ class TwoTowerObjective(Objective):
 
     def train_flops_per_example(self) -> float:
         """Model FLOPs (MaxText's matmul count, x3 for forward + backward) per example: both towers, the
-        projections and the example's row of the [B, B] logits (which grows with the global batch)."""
+        projections and the example's row of the [B, B] logits (which grows with the global batch). With patch
+        dropout the image blocks count the kept patches (the steps of a final unmasked phase cost more)."""
         model, image, text = self.model, self.model.image, self.model.text
         forward = flops.vit_forward_flops(self.config.data.image_size, image["patch_size"], image["width"],
-                                          image["depth"], image["mlp_dim"], image["num_cls_tokens"], image["pool"])
+                                          image["depth"], image["mlp_dim"], image["num_cls_tokens"], image["pool"],
+                                          kept_patches=self.num_kept_patches)
         forward += flops.text_forward_flops(text["max_len"], text["width"], text["depth"], text["mlp_dim"],
                                             text["causal"])
         embed_dim = model.embed_dim or image["width"]  # no projections: the towers' own width
@@ -145,8 +164,9 @@ class TwoTowerObjective(Objective):
         out = super().model_config()
         out["tokenizer"] = {"vocab_size": self.tokenizer.vocab_size, "eos_id": self.tokenizer.eos_id,
                             "pad_id": self.tokenizer.pad_id, "max_len": self.config.data.max_text_len}
-        # Exported weights are always per-layer and remat is a compile choice: neither belongs to the architecture.
-        compile_only = ("remat_policy", "scan_layers")
+        # Exported weights are always per-layer; remat and the attention kernel are compile choices: none of them
+        # belongs to the architecture.
+        compile_only = ("remat_policy", "scan_layers", "attention")
         out["image_tower"] = {k: v for k, v in self.model.image.items() if k not in compile_only}
         out["text_tower"] = {k: v for k, v in self.model.text.items() if k not in compile_only}
         out["image_size"] = self.config.data.image_size

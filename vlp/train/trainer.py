@@ -131,7 +131,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
                              f"accumulation.steps=1")
         extra_grad_fn = jax.value_and_grad(objective.loss_fn_with_extra, has_aux=True)
     else:
-        grad_fn = accumulation.make_grad_fn(objective, accumulation_steps, accumulation_mode)
+        grad_fn = step_grad_fn(objective, accumulation.make_grad_fn(objective, accumulation_steps, accumulation_mode))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -140,7 +140,7 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         if objective.has_extra:
             (loss, (metrics, aux)), grads = extra_grad_fn(state.params, state.extra, batch, rng, state.step)
         else:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng)
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -160,6 +160,21 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         return new_state, metrics
 
     return train_step
+
+
+def step_grad_fn(objective: Objective, grad_fn: accumulation.GradFn) -> Callable:
+    """`(params, batch, rng, step) -> ((loss, metrics), grads)`: `grad_fn` on the batch with the objective's
+    per-step inputs (FLIP's kept patches). A final unmasked phase is a `lax.cond` on the step: one compiled step
+    holds both branches, so the switch neither recompiles nor depends on where a run resumed."""
+
+    def with_inputs(patch_dropout: bool) -> Callable:
+        return lambda params, batch, rng: grad_fn(params, objective.add_step_inputs(batch, rng, patch_dropout), rng)
+
+    until = objective.patch_dropout_until_step
+    if until is None:
+        return lambda params, batch, rng, step: with_inputs(True)(params, batch, rng)
+    return lambda params, batch, rng, step: jax.lax.cond(step < until, with_inputs(True), with_inputs(False),
+                                                         params, batch, rng)
 
 
 def jit_train_step(exp: Experiment) -> Callable:
