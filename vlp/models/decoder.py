@@ -193,7 +193,9 @@ class TextDecoder(nn.Module):
         if masked is not None:  # parallel prediction: mask tokens carry no content, so they may see both ways
             mask = mask | masked[:, None, None, None]
         if self.embed_cls:
-            cls = self.cls_embed.astype(self.dtype) + pos[length]
+            # The CLS has its own position (the table's last row), so its output does not depend on how far the
+            # text is padded.
+            cls = self.cls_embed.astype(self.dtype) + pos[self.max_len]
             x = jnp.concatenate([x, jnp.broadcast_to(cls, (batch, 1, self.width))], axis=1)
             # Input p (p >= 1) holds token p-1: the CLS row sees the begin embedding, non-pad inputs and itself.
             valid = jnp.concatenate([jnp.ones((batch, 1), bool), tokens[:, :-1] != self.pad_id,
