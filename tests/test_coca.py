@@ -178,3 +178,25 @@ def _at(tree, path):
     for key in path:
         tree = tree[key.key]
     return np.asarray(tree)
+
+
+@pytest.mark.parametrize("spec,minimum", [("coca.py:B/16", 2e8), ("coca.py:L/14", 5e8), ("cappa.py:B/16", 1.3e8)])
+def test_cluster_variants_build(spec, minimum):
+    config = vlp_config.load_config_file(str(REPO / "configs" / spec))
+    exp = build_experiment(config)  # abstract shapes and shardings only: nothing is allocated
+    count = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
+    assert count > minimum, (spec, count)
+
+
+def test_caption_scores_against_hand_counts():
+    from vlp.eval.captioning import caption_scores
+
+    refs = [["a large red circle in the upper left"], ["a small blue square in the lower right"]]
+    perfect = caption_scores(["A large red circle in the upper left.", "a small blue square in the lower right"], refs)
+    assert perfect["exact_match"] == 1.0 and abs(perfect["bleu4"] - 1.0) < 1e-6
+    half = caption_scores(["a large red circle in the upper left", "a small blue square"], refs)
+    assert half["exact_match"] == 0.5
+    # Corpus BLEU-4: every n-gram of the prediction is correct, so it is the brevity penalty of 12 predicted
+    # against 16 reference tokens.
+    np.testing.assert_allclose(half["bleu4"], np.exp(1 - 16 / 12), rtol=1e-5)
+    assert half["cider"] < perfect["cider"]

@@ -115,6 +115,10 @@ BAD_CONFIGS = {
     "siglip_without_logit_bias": (
         {"objective": "siglip"}, r"objective 'siglip' learns a logit bias: set model.logit_bias_init \(SigLIP: -10.0"),
     "no_checkpoints_kept": ({"keep_checkpoints": "0"}, r"keep_checkpoints=0 must be a positive integer"),
+    "coca_negative_caption_weight": (
+        {"objective": "coca", "coca.caption_weight": "-1"}, r"coca.caption_weight=-1.0 must be >= 0"),
+    "cappa_masked_pred_prob_above_one": (
+        {"objective": "cappa", "cappa.masked_pred_prob": "1.5"}, r"cappa.masked_pred_prob=1.5 must be in \[0, 1\]"),
 }
 
 
