@@ -58,8 +58,10 @@ def synthetic_batch_fn(objective: Any, batch_size: int):
     from every row of the token-embedding table, other integer fields 0."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     example = objective.example_batch(batch_size)
+    example["skipped_records"] = np.zeros((batch_size,), np.int32)  # the trainer's batch carries the pipeline's count
     text_tower = getattr(getattr(objective, "model", None), "text", None)
     vocab_rows = text_tower["vocab_size"] if isinstance(text_tower, dict) else objective.tokenizer.vocab_size
 

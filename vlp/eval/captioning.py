@@ -37,11 +37,11 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
     return {"cider": float(cider), "bleu4": float(bleu[3]), "exact_match": float(exact)}
 
 
-def default_eval(num_examples: int = 500, **options: Any) -> dict[str, Any]:
+def default_eval(num_examples: int = 500, split: str = "validation", **options: Any) -> dict[str, Any]:
     """The `evals.captioning` entry the CoCa / CapPa configs use: greedy captions of the validation split scored
-    against the synthetic caption."""
-    return dict(type="captioning", split="validation", num_examples=num_examples, batch_size=250,
-                caption="synthetic", method="greedy", **options)
+    against the synthetic caption (`--set evals.captioning.method=beam` switches to 4-beam search)."""
+    return dict(type="captioning", split=split, num_examples=num_examples, batch_size=250,
+                caption="synthetic", **{"method": "greedy", "beams": 4, "length_penalty": 0.6, **options})
 
 
 class CaptioningEvaluator:
