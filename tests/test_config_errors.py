@@ -61,8 +61,8 @@ BAD_CONFIGS = {
         r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used; valid shapes multiply to 8"),
     "more_devices_than_exist": (
         {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
-    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'clip', 'eva', 'mae', "
-                                                     r"'siglip', 'simmim', 'tips'\]"),
+    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'cappa', 'clip', 'coca', "
+                                                     r"'eva', 'mae', 'siglip', 'simmim', 'tips'\]"),
     "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
     "model_size_patch_does_not_divide_image": (
         {"model.image.variant": "B/17"},
@@ -87,7 +87,7 @@ BAD_CONFIGS = {
     "empty_bad_record_window": ({"data.bad_record_window": "0"}, r"data.bad_record_window=0 must be >= 1"),
     "unknown_eval_type": (
         {"evals.zeroshot.type": "zeroshoot"},
-        r"evals.zeroshot.type='zeroshoot'; valid: \['dense', 'knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
+        r"evals.zeroshot.type='zeroshoot'; valid: \['captioning', 'dense', 'knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
     "unknown_mask_kind": ({"mim.mask_kind": "grid"}, r"mim.mask_kind='grid'; valid: \('block', 'random'\)"),
     "mask_ratio_out_of_range": ({"mim.mask_ratio": "1.0"}, r"mim.mask_ratio=1.0 must be in \[0, 1\)"),
     "unknown_eval_split": (
@@ -136,6 +136,10 @@ BAD_CONFIGS = {
         r"'cpu'; valid on cpu: \['auto', 'xla'\]"),
     "unknown_attention_kernel": (
         {"model.attention": "flash"}, r"model.attention='flash': unknown attention implementation 'flash'; valid: "),
+    "coca_negative_caption_weight": (
+        {"objective": "coca", "coca.caption_weight": "-1"}, r"coca.caption_weight=-1.0 must be >= 0"),
+    "cappa_masked_pred_prob_above_one": (
+        {"objective": "cappa", "cappa.masked_pred_prob": "1.5"}, r"cappa.masked_pred_prob=1.5 must be in \[0, 1\]"),
 }
 
 

@@ -47,6 +47,10 @@ def add_default_evaluators(config, names: list[str]) -> None:
                 from vlp.eval.dense import default_eval
 
                 entry = default_eval()
+            if name == "captioning":  # greedy, with the decoding keys present so --set can switch to beam search
+                from vlp.eval.captioning import default_eval as captioning_eval
+
+                entry = captioning_eval(entry["num_examples"], split=entry["split"])
             config.evals[name] = entry
 
 

@@ -129,6 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
         contrastive_weight=1.0,
     )
 
+    # Objectives that own their keys (DESIGN.md) declare them next to their class (`Objective.default_config`):
+    # each block appears here under the objective's name, e.g. `coca`, `cappa`.
+    from vlp.objectives import config_blocks
+
+    for name, block in config_blocks().items():
+        c[name] = block
+
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
@@ -406,6 +413,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"data.tokenizer={config.data.tokenizer!r} is not a file; valid: a SentencePiece .model file (e.g. from "
            "tools/train_tokenizer.py), a Hugging Face tokenizer.json, or '' for the bundled shapes tokenizer")
     _validate_mim(config)
+    get_objective(config.objective).validate_config(config)
     for name, ev in config.evals.items():
         _check("type" in ev, f"evals.{name} has no 'type'; valid: {sorted(EVALUATORS)}")
         _check(ev.type in EVALUATORS, f"evals.{name}.type={ev.type!r}; valid: {sorted(EVALUATORS)}")
@@ -427,7 +435,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check(isinstance(value, int) and value > 0, f"evals.{name}.{key}={value!r} must be a positive integer")
         objective = get_objective(config.objective)
         needs = {"zeroshot": "encode_text", "retrieval": "encode_text", "linear_probe": "encode_image",
-                 "knn": "encode_image", "dense": "encode_patches"}.get(ev.type)
+                 "knn": "encode_image", "dense": "encode_patches",
+                 "captioning": "caption_tokens"}.get(ev.type)
         _check(needs is None or hasattr(objective, needs),
                f"evals.{name}.type={ev.type!r} needs an objective with {needs}; objective={config.objective!r} has "
                f"none (image-only objectives are evaluated with type='dense'; remove evals.{name})")

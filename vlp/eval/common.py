@@ -20,6 +20,8 @@ class Encoders:
     encode_text: Callable[[Params, np.ndarray], np.ndarray] | None
     tokenize: Callable[[list[str]], np.ndarray]
     encode_patches: Callable[[Params, np.ndarray], np.ndarray] | None = None
+    # caption(params, images, **decode options) -> one string per image (captioning objectives only).
+    caption: Callable[..., list[str]] | None = None
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

@@ -34,5 +34,10 @@ def get_objective(name: str) -> type:
     return _REGISTRY[name]
 
 
+def config_blocks() -> dict[str, dict]:
+    """Each registered objective's own config block (`Objective.default_config`), by its registered name."""
+    return {name: block for name, cls in sorted(_REGISTRY.items()) if (block := cls.default_config()) is not None}
+
+
 # Built-in objectives register themselves on import.
-from vlp.objectives import align, clip, eva, mae, siglip, simmim, tips  # noqa: E402,F401
+from vlp.objectives import align, cappa, clip, coca, eva, mae, siglip, simmim, tips  # noqa: E402,F401

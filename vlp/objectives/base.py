@@ -45,6 +45,16 @@ class Objective(abc.ABC):
     def train_flops_per_example(self) -> float:
         """Model FLOPs (forward + backward) per training example, for MFU."""
 
+    @classmethod
+    def default_config(cls) -> dict[str, Any] | None:
+        """This objective's own block of config keys and defaults; `config.base_config()` adds it under the
+        registered name (e.g. `config.coca`), so typos still fail at start. None = no block."""
+        return None
+
+    @classmethod
+    def validate_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Checks this objective's block when it is the configured objective (raise ValueError naming key/value)."""
+
     # Objectives with state outside the optimizer (EMA teacher, centres) override the three hooks below; the trainer
     # then calls `loss_fn_with_extra` instead of `loss_fn` and stores `update_extra`'s result in TrainState.extra.
     has_extra: bool = False

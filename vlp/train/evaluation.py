@@ -46,11 +46,20 @@ def make_encoders(objective: Any, mesh: Mesh, batch_size: int, image_output: int
         jitted = jax.jit(functools.partial(fn, **kwargs))
         return lambda params, array: batched_apply(jitted, params, array, batch_size, mesh)
 
+    captioners: dict = {}  # one jitted decoder per set of decoding options, compiled once
+
+    def caption(params: Any, images: np.ndarray, **options: Any) -> list[str]:
+        key = tuple(sorted(options.items()))
+        if key not in captioners:
+            captioners[key] = batched("caption_tokens", **options)
+        return [objective.tokenizer.decode(row) for row in captioners[key](params, images)]
+
     return Encoders(
         encode_image=batched("encode_image", **({"output": image_output} if image_output else {})),
         encode_text=batched("encode_text"),
         tokenize=lambda texts: objective.tokenizer.encode(texts, max_len),
         encode_patches=batched("encode_patches"),
+        caption=caption if hasattr(objective, "caption_tokens") else None,
     )
 
 
