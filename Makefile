@@ -32,6 +32,8 @@ bench: $(VENV)/.installed-core
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/compile.py --config=configs/clip.py:tiny --policies=none,full
+	$(PY) benchmarks/decode.py --config=configs/coca.py:tiny
 
 clean:
 	rm -rf $(VENV) runs

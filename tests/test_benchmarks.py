@@ -50,3 +50,13 @@ def test_data_benchmark_reads_one_batch_in_process_and_with_a_worker():
                            "--batches=1", "--workers=0,1")
     assert row["batch"] == 8 and row["mean_jpeg_kib"] > 0
     assert row["images_per_second_workers_0"] > 0 and row["images_per_second_workers_1"] > 0
+
+
+def test_decode_benchmark_times_cached_and_uncached_decoding():
+    rows = run_json_lines("decode.py", "--config=configs/coca.py:tiny", "--batch=4", "--beams=2", "--repeats=1")
+    timed = [r for r in rows if "captions_per_s" in r]
+    assert {(r["method"], r["cached"]) for r in timed} == {("greedy", True), ("greedy", False), ("beam", True),
+                                                           ("beam", False)}
+    assert all(r["captions_per_s"] > 0 and r["tokens_per_s"] > 0 and r["batch"] == 4 for r in timed), timed
+    # The KV cache changes the speed, never the tokens.
+    assert [r["cached_equals_uncached"] for r in rows if "cached_equals_uncached" in r] == [True, True]
