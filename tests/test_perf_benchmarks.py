@@ -1,0 +1,48 @@
+"""The CPU MFU peak is measured on this machine (vlp/train/metrics.py), and benchmarks/open_clip_step.py (the torch
+side of the side-by-side with train_step.py) runs one tiny step of the same model. Nothing asserts on time."""
+
+import itertools
+
+import jax
+import pytest
+from test_benchmarks import TINY_TOWERS, run_json_lines
+
+from vlp.train import metrics
+
+
+def test_measure_matmul_flops_counts_two_n_cubed_per_best_run(monkeypatch):
+    # A fake clock: every timed run takes 0.5 s except one of 0.25 s; the best run gives 2 * n^3 / 0.25 FLOP/s.
+    durations = iter([0.5, 0.25, 0.5])
+    ticks = itertools.count()
+    now = [0.0]
+
+    def clock():
+        if next(ticks) % 2:
+            now[0] += next(durations)
+        return now[0]
+
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    assert metrics.measure_matmul_flops(jax.devices()[0], size=64, repeats=3) == 2 * 64 ** 3 / 0.25
+    with pytest.raises(ValueError, match="size=0"):
+        metrics.measure_matmul_flops(jax.devices()[0], size=0)
+
+
+def test_cpu_peak_is_measured_not_a_table_value(monkeypatch):
+    cpu = jax.devices("cpu")[0]
+    metrics._measured_cpu_peak.cache_clear()
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda device, size=1024: 123.0e9)
+    assert metrics.peak_flops_per_device(cpu) == 123.0e9
+    assert metrics.peak_flops_per_device(cpu, override=7e9) == 7e9
+    metrics._measured_cpu_peak.cache_clear()
+    assert "cpu" not in {k.lower() for k in metrics.PEAK_FLOPS_PER_DEVICE}
+
+
+def test_open_clip_step_benchmark_builds_the_same_model_and_runs_one_step():
+    pytest.importorskip("open_clip")
+    [row] = run_json_lines("open_clip_step.py", "--config=configs/clip.py:tiny", *TINY_TOWERS,
+                           "--set=model.embed_dim=32", "--set=batch_size=16", "--steps=1", "--warmup=0",
+                           "--threads=1")
+    assert row["steps"] == 1 and row["batch_size"] == 16 and row["threads"] == 1
+    assert row["params"] == row["vlp_params"] > 0  # the same architecture on both sides
+    assert row["samples_per_second"] > 0 and row["model_flops_per_step"] > 0
+    assert 0 < row["loss"] < 10  # finite: the ClipLoss of random embeddings
