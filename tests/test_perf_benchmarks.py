@@ -66,3 +66,11 @@ def test_cpu_train_step_updates_donated_state_in_place():
     entry = hlo[hlo.index("\nENTRY"):]
     copies = re.findall(r"= \S+ copy\(%?state_\S*\)", entry)
     assert not copies, f"{len(copies)} state copies, e.g. {copies[:3]}"
+
+
+def test_xla_cpu_threads_benchmark_times_each_op():
+    [row] = run_json_lines("xla_cpu_threads.py", "--tokens=64", "--width=32", "--mlp=64", "--repeats=1")
+    assert (row["tokens"], row["width"], row["mlp"]) == (64, 32, 64)
+    for op in ("matmul", "gelu_exact", "gelu_exact_grad", "layer_norm", "scale_add"):
+        assert row[op]["ms"] > 0 and row[op]["cores_busy"] >= 0 and row[op]["gbytes_per_s"] > 0, (op, row[op])
+    assert row["matmul"]["gflops"] > 0
