@@ -74,3 +74,22 @@ def test_xla_cpu_threads_benchmark_times_each_op():
     for op in ("matmul", "gelu_exact", "gelu_exact_grad", "layer_norm", "scale_add"):
         assert row[op]["ms"] > 0 and row[op]["cores_busy"] >= 0 and row[op]["gbytes_per_s"] > 0, (op, row[op])
     assert row["matmul"]["gflops"] > 0
+
+
+def test_exact_gelu_is_torch_form_with_erf():
+    """Exact GELU as x/2 (1 + erf(x/sqrt 2)) (torch's formula; XLA:CPU's erf is cheaper than jax.nn.gelu's erfc),
+    against math.erf in float64 over [-10, 10], value and gradient; bf16 inputs stay bf16."""
+    from math import erf, exp, pi, sqrt
+
+    import numpy as np
+
+    from vlp.models import layers
+
+    gelu = layers.activation_fn("gelu")
+    assert "erfc" not in jax.jit(gelu).lower(jax.numpy.ones(4)).as_text()
+    x = np.linspace(-10, 10, 2001, dtype=np.float32)
+    want = [v * 0.5 * (1 + erf(v / sqrt(2))) for v in x.astype(np.float64)]
+    want_grad = [0.5 * (1 + erf(v / sqrt(2))) + v * exp(-v * v / 2) / sqrt(2 * pi) for v in x.astype(np.float64)]
+    np.testing.assert_allclose(gelu(x), want, atol=2e-6, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), want_grad, atol=2e-6, rtol=1e-6)
+    assert gelu(jax.numpy.ones(3, jax.numpy.bfloat16)).dtype == jax.numpy.bfloat16
