@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_flops_per_step = exp.objective.train_flops_per_example() * config.batch_size
     model_flops_per_device = model_flops_per_step / devices
     compiled_flops = first_cost(compiled.cost_analysis()).get("flops")
-    peak = max(measured_peaks) if measured_peaks else peak_flops_per_device(jax.devices()[0], override)
+    # The measured rate is the host's; virtual CPU devices (--xla_force_host_platform_device_count) share it.
+    peak = max(measured_peaks) / jax.local_device_count() if measured_peaks else peak_flops_per_device(
+        jax.devices()[0], override)
     model_flops_per_second = model_flops_per_device / mean_seconds
     memory = compiled.memory_analysis()
     result = {
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if measured_peaks else "--peak_tflops / hardware.peak_flops_per_device" if override
                         else "vlp/train/metrics.py table"),
         "measured_peak_tflops": [round(p / 1e12, 5) for p in measured_peaks],
+        "devices_sharing_measured_peak": jax.local_device_count() if measured_peaks else None,
         "mfu": round(model_flops_per_second / peak, 4) if peak else None,
         "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
         "argument_bytes_per_device": getattr(memory, "argument_size_in_bytes", None),

@@ -36,11 +36,15 @@ def test_train_step_benchmark_runs_one_step():
     assert 0 < row["loss"] < 10  # ~ln 16 + a little at init
     # On CPU the MFU peak is this run's own XLA matmul rate (best of the two measurements), not a table value.
     assert row["peak_source"].startswith("measured") and len(row["measured_peak_tflops"]) == 2
-    assert row["peak_tflops_per_device"] == max(row["measured_peak_tflops"]) > 0
+    # (the host's rate, split among the process's CPU devices: 8 virtual ones under conftest)
+    host_peak = row["peak_tflops_per_device"] * row["devices_sharing_measured_peak"]
+    assert abs(host_peak - max(row["measured_peak_tflops"])) <= 1e-5 * row["devices_sharing_measured_peak"]
+    assert host_peak > 0
     assert abs(row["mfu"] - row["model_tflops_per_second_per_device"] / row["peak_tflops_per_device"]) < 2e-3
-    flops = row["model_flops_per_step_per_device"]
-    assert abs(row["forward_mfu"] * row["peak_tflops_per_device"] * 1e12 * row["forward_seconds_median"]
-               - flops / 3) < 1e-2 * flops
+    # The forward pass does 1/3 of the model FLOPs (the rest: backward + update); figures are rounded in the JSON.
+    forward_mfu = row["model_flops_per_step_per_device"] / 3 / (row["peak_tflops_per_device"] * 1e12
+                                                                 * row["forward_seconds_median"])
+    assert abs(row["forward_mfu"] - forward_mfu) <= 1e-4 + 1e-2 * forward_mfu, (row["forward_mfu"], forward_mfu)
 
 
 def test_loss_memory_benchmark_compiles_every_kind_and_variant():

@@ -59,12 +59,14 @@ def _measured_cpu_peak(device: jax.Device) -> float:
 
 def peak_flops_per_device(device: jax.Device, override: float | None = None) -> float | None:
     """The MFU denominator: `override` if set; an accelerator's figure from `PEAK_FLOPS_PER_DEVICE` by device kind
-    (None for an unknown kind); on CPU this machine's measured fp32 matmul rate (`measure_matmul_flops`, once per
-    process and device)."""
+    (None for an unknown kind); on CPU this host's measured fp32 matmul rate (`measure_matmul_flops`, once per
+    process) shared by its CPU devices (`--xla_force_host_platform_device_count=8` makes 8 devices of the same
+    cores, so each gets 1/8)."""
     if override:
         return float(override)
     if device.platform == "cpu":
-        return _measured_cpu_peak(device)
+        local = jax.local_devices(backend="cpu")  # devices()[0] may belong to another process
+        return _measured_cpu_peak(local[0]) / len(local)
     kind = device.device_kind
     for name, peak in PEAK_FLOPS_PER_DEVICE.items():
         if name.lower() in kind.lower():
