@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measure_peak = jax.devices()[0].platform == "cpu" and not override
     measured_peaks = []
     if measure_peak:  # before anything else is compiled and running
-        measured_peaks.append(measure_matmul_flops(jax.devices()[0], args.peak_matmul_size))
+        measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))
         _say(f"XLA fp32 matmul {args.peak_matmul_size}^3: {measured_peaks[-1] / 1e9:.1f} GFLOP/s")
     state = exp.init_state()
     with exp.context():
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 forward_seconds.append(time.perf_counter() - start)
             _say(f"forward: {statistics.median(forward_seconds):.4f}s (median of {args.forward_steps})")
     if measure_peak:
-        measured_peaks.append(measure_matmul_flops(jax.devices()[0], args.peak_matmul_size))
+        measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))
         _say(f"XLA fp32 matmul {args.peak_matmul_size}^3 after the steps: {measured_peaks[-1] / 1e9:.1f} GFLOP/s")
 
     mean_seconds = statistics.fmean(step_seconds)
