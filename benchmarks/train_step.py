@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compiled_flops_per_step_per_device": compiled_flops,
         "analytic_vs_compiled": round(model_flops_per_device / compiled_flops, 4) if compiled_flops else None,
         "model_tflops_per_second_per_device": round(model_flops_per_second / 1e12, 4),
-        "peak_tflops_per_device": round(peak / 1e12, 5) if peak else None,
+        "peak_tflops_per_device": float(f"{peak / 1e12:.6g}") if peak else None,
         "peak_source": ("measured: XLA fp32 matmul " + str(args.peak_matmul_size) + "^3, best of 5, before and after"
                         if measured_peaks else "--peak_tflops / hardware.peak_flops_per_device" if override
                         else "vlp/train/metrics.py table"),
