@@ -3,13 +3,20 @@
 
 Builds the experiment with `vlp.train.trainer.build_experiment`, compiles `jit_train_step(exp)` ahead of time on a
 synthetic batch that is generated on the devices (no input pipeline), runs warm-up steps, then times each step
-with `jax.block_until_ready`. Reports step time (mean and median), samples/s, the model FLOPs of the objective
+with `jax.block_until_ready`; then times the objective's forward pass alone (its loss, jitted on the same params and
+batch) for `--forward_steps`. Reports step time (mean and median), samples/s, the model FLOPs of the objective
 (MaxText's analytic matmul count) next to the compiled step's `cost_analysis()` FLOPs, model TFLOP/s and MFU per
-device, and the compiled memory per device (`memory_analysis()`). Uses the real devices (all of them unless
+device for the whole step, the forward pass and the rest (backward + optimizer update, 2/3 of the FLOPs), and the
+compiled memory per device (`memory_analysis()`). Uses the real devices (all of them unless
 `--set mesh.num_devices=N`).
 
+MFU's peak: `--peak_tflops`, else `hardware.peak_flops_per_device`, else on GPU/TPU the table in
+vlp/train/metrics.py; on CPU this machine's own XLA fp32 matmul rate (`--peak_matmul_size`^3, best of 5), measured in
+the same run before and after the timed steps (the larger of the two: other load only slows it down).
+
   python benchmarks/train_step.py [--config=configs/clip.py:bench] [--set KEY=VALUE ...] [--steps 20]
-      [--warmup 3] [--peak_tflops X] [--profile_steps A:B --profile_dir DIR]
+      [--warmup 3] [--forward_steps 5] [--peak_tflops X] [--peak_matmul_size 2048]
+      [--profile_steps A:B --profile_dir DIR]
 
 On GPU/TPU add `--set precision.compute_dtype=bfloat16` (or `auto`); the bench variant is fp32 for CPUs.
 `--profile_steps 2:4` traces timed steps 2 and 3 (0-based, end exclusive) with `jax.profiler` into
@@ -91,14 +98,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    parser.add_argument("--forward_steps", type=int, default=5, help="timed forward-only runs (0: none)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak TFLOP/s per device for MFU (default: config hardware.peak_flops_per_device, "
-                             "else the table in vlp/train/metrics.py by device kind)")
+                             "else the table in vlp/train/metrics.py by device kind; on CPU measured)")
+    parser.add_argument("--peak_matmul_size", type=int, default=2048,
+                        help="on CPU: the square fp32 matmul whose XLA rate is the MFU peak")
     parser.add_argument("--profile_steps", default=None, metavar="A:B", help="trace timed steps A..B-1")
     parser.add_argument("--profile_dir", default=None, help="where --profile_steps writes the trace")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.forward_steps < 0 or args.peak_matmul_size < 1:
+        raise SystemExit(f"--steps={args.steps} and --peak_matmul_size={args.peak_matmul_size} must be >= 1, "
+                         f"--warmup={args.warmup} and --forward_steps={args.forward_steps} >= 0")
     profiled = parse_profile_steps(args.profile_steps, args.steps)
     if profiled and not args.profile_dir:
         raise SystemExit("--profile_steps needs --profile_dir (where the trace goes)")
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from vlp import config as vlp_config
     from vlp.objectives.base import resolve_compute_dtype
-    from vlp.train.metrics import peak_flops_per_device
+    from vlp.data.transforms import SKIPPED_KEY
+    from vlp.train.metrics import measure_matmul_flops, peak_flops_per_device
     from vlp.train.trainer import build_experiment, jit_train_step
 
     config = vlp_config.load_config_file(args.config)
@@ -118,6 +130,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _say(f"{args.config} {' '.join(args.set)}: batch {config.batch_size} on {devices} x "
          f"{jax.devices()[0].device_kind}, mesh {dict(exp.mesh.shape)}")
 
+    override = args.peak_tflops * 1e12 if args.peak_tflops else config.hardware.peak_flops_per_device
+    measure_peak = jax.devices()[0].platform == "cpu" and not override
+    measured_peaks = []
+    if measure_peak:  # before anything else is compiled and running
+        measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))
+        _say(f"XLA fp32 matmul {args.peak_matmul_size}^3: {measured_peaks[-1] / 1e9:.1f} GFLOP/s")
     state = exp.init_state()
     with exp.context():
         batch = jax.jit(synthetic_batch_fn(exp, config.batch_size),
@@ -144,13 +162,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step_seconds.append(seconds)
             if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
                 _say(f"step {i + 1}/{args.steps}: {seconds:.4f}s{' (traced)' if i in profiled else ''}")
+        forward_seconds = []
+        if args.forward_steps:
+            # The objective's loss alone (what the step differentiates), on the same params and batch.
+            model_batch = {k: v for k, v in batch.items() if k != SKIPPED_KEY}
+            rng = jax.random.key(config.seed)
+            forward = jax.jit(lambda p, b: exp.objective.loss_fn(p, b, rng)[0]).lower(
+                state.params, model_batch).compile()
+            jax.block_until_ready(forward(state.params, model_batch))
+            for _ in range(args.forward_steps):
+                start = time.perf_counter()
+                jax.block_until_ready(forward(state.params, model_batch))
+                forward_seconds.append(time.perf_counter() - start)
+            _say(f"forward: {statistics.median(forward_seconds):.4f}s (median of {args.forward_steps})")
+    if measure_peak:
+        measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))
+        _say(f"XLA fp32 matmul {args.peak_matmul_size}^3 after the steps: {measured_peaks[-1] / 1e9:.1f} GFLOP/s")
 
     mean_seconds = statistics.fmean(step_seconds)
     model_flops_per_step = exp.objective.train_flops_per_example() * config.batch_size
     model_flops_per_device = model_flops_per_step / devices
     compiled_flops = first_cost(compiled.cost_analysis()).get("flops")
-    override = args.peak_tflops * 1e12 if args.peak_tflops else config.hardware.peak_flops_per_device
-    peak = peak_flops_per_device(jax.devices()[0], override)
+    # The measured rate is the host's; virtual CPU devices (--xla_force_host_platform_device_count) share it.
+    peak = max(measured_peaks) / jax.local_device_count() if measured_peaks else peak_flops_per_device(
+        jax.devices()[0], override)
     model_flops_per_second = model_flops_per_device / mean_seconds
     memory = compiled.memory_analysis()
     result = {
@@ -169,7 +204,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compiled_flops_per_step_per_device": compiled_flops,
         "analytic_vs_compiled": round(model_flops_per_device / compiled_flops, 4) if compiled_flops else None,
         "model_tflops_per_second_per_device": round(model_flops_per_second / 1e12, 4),
-        "peak_tflops_per_device": peak / 1e12 if peak else None,
+        "peak_tflops_per_device": float(f"{peak / 1e12:.6g}") if peak else None,
+        "peak_source": ("measured: XLA fp32 matmul " + str(args.peak_matmul_size) + "^3, best of 5, before and after"
+                        if measured_peaks else "--peak_tflops / hardware.peak_flops_per_device" if override
+                        else "vlp/train/metrics.py table"),
+        "measured_peak_tflops": [round(p / 1e12, 5) for p in measured_peaks],
+        "devices_sharing_measured_peak": jax.local_device_count() if measured_peaks else None,
         "mfu": round(model_flops_per_second / peak, 4) if peak else None,
         "temp_bytes_per_device": getattr(memory, "temp_size_in_bytes", None),
         "argument_bytes_per_device": getattr(memory, "argument_size_in_bytes", None),
@@ -177,6 +217,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "alias_bytes_per_device": getattr(memory, "alias_size_in_bytes", None),
         "loss": float(metrics["loss"]),
     }
+    if forward_seconds:
+        # Forward = 1/3 of the model FLOPs (flops.py counts training as 3x forward); the rest of the step (backward
+        # pass, optimizer update) does the other 2/3. Medians: the step's and the forward's.
+        step_median, forward_median = statistics.median(step_seconds), statistics.median(forward_seconds)
+        forward_flops, rest_seconds = model_flops_per_device / 3, step_median - forward_median
+        result.update(
+            forward_seconds_median=round(forward_median, 5),
+            backward_and_update_seconds=round(rest_seconds, 5),
+            forward_mfu=round(forward_flops / forward_median / peak, 4) if peak else None,
+            backward_and_update_mfu=round(2 * forward_flops / rest_seconds / peak, 4) if peak and rest_seconds > 0
+            else None,
+            step_mfu_median=round(model_flops_per_device / step_median / peak, 4) if peak else None)
     if profiled:
         traces = sorted(str(p) for p in Path(args.profile_dir).rglob("*.xplane.pb"))
         result.update(profiled_steps=f"{profiled.start}:{profiled.stop}", profile_dir=args.profile_dir,

@@ -26,7 +26,7 @@ def run_json_lines(script: str, *args: str) -> list[dict]:
 def test_train_step_benchmark_runs_one_step():
     [row] = run_json_lines("train_step.py", "--config=configs/clip.py:tiny", *TINY_TOWERS,
                            "--set=model.embed_dim=32", "--set=batch_size=16", "--set=mesh.num_devices=1",
-                           "--steps=1", "--warmup=0")
+                           "--steps=1", "--warmup=0", "--forward_steps=1", "--peak_matmul_size=256")
     assert row["steps"] == 1 and row["batch_size"] == 16 and row["devices"] == 1
     for key in ("compile_seconds", "step_seconds_mean", "samples_per_second", "model_flops_per_step",
                 "compiled_flops_per_step_per_device", "model_tflops_per_second_per_device", "temp_bytes_per_device"):
@@ -34,6 +34,18 @@ def test_train_step_benchmark_runs_one_step():
     # The analytic FLOP count and XLA's agree to ~10% (test_flops.py checks it at a width where matmuls dominate).
     assert 0.7 <= row["analytic_vs_compiled"] <= 1.3, row["analytic_vs_compiled"]
     assert 0 < row["loss"] < 10  # ~ln 16 + a little at init
+    # On CPU the MFU peak is this run's own XLA matmul rate (best of the two measurements), not a table value.
+    assert row["peak_source"].startswith("measured") and len(row["measured_peak_tflops"]) == 2
+    # (the host's rate, split among the process's CPU devices: 8 virtual ones under conftest)
+    host_peak = row["peak_tflops_per_device"] * row["devices_sharing_measured_peak"]
+    assert abs(host_peak - max(row["measured_peak_tflops"])) <= 1e-5 * row["devices_sharing_measured_peak"]
+    assert host_peak > 0
+    peak = row["peak_tflops_per_device"] * 1e12
+    mfu = row["model_flops_per_step_per_device"] / row["step_seconds_mean"] / peak
+    assert abs(row["mfu"] - mfu) <= 1e-4 + 1e-2 * mfu, (row["mfu"], mfu)
+    # The forward pass does 1/3 of the model FLOPs (the rest: backward + update); figures are rounded in the JSON.
+    forward_mfu = row["model_flops_per_step_per_device"] / 3 / (peak * row["forward_seconds_median"])
+    assert abs(row["forward_mfu"] - forward_mfu) <= 1e-4 + 1e-2 * forward_mfu, (row["forward_mfu"], forward_mfu)
 
 
 def test_loss_memory_benchmark_compiles_every_kind_and_variant():

@@ -20,7 +20,9 @@ import numpy as np
 Dtype = jnp.dtype
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # Exact GELU in torch's form x/2 (1 + erf(x/sqrt 2)): on XLA:CPU erf costs a third less than the erfc of
+    # jax.nn.gelu(approximate=False), forward and gradient; the two agree to ~1e-6 (fp32 rounding).
+    "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476)),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,

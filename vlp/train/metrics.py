@@ -7,6 +7,7 @@ so a one-time warning says so; tools/plot_metrics.py draws the same scalars from
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -22,22 +24,54 @@ from vlp.train.paths import is_local
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device, the MFU denominator (vendor figures; CPU: XLA fp32 matmul measured on a
-# 2-core CI-class machine, so CPU MFU figures are relative to that).
+# Dense bf16 peak FLOP/s per device, the MFU denominator (vendor figures). CPUs differ too much for a table: there the
+# peak is this machine's own XLA fp32 matmul rate, measured once per process (`measure_matmul_flops`).
 PEAK_FLOPS_PER_DEVICE = {
     "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "cpu": 450e9,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
+CPU_PEAK_MATMUL_SIZE = 1024  # the trainer's measurement: ~2 GFLOP per product, well under a second on 2 cores
+
+
+def measure_matmul_flops(device: jax.Device, size: int = CPU_PEAK_MATMUL_SIZE, repeats: int = 5,
+                         dtype: Any = jnp.float32) -> float:
+    """FLOP/s of XLA's own `size` x `size` @ `size` x `size` matmul on `device`: the best of `repeats` timed runs
+    after a compile-and-run warm-up (the best, because other load only ever slows a run down). Counts 2 * size**3
+    FLOPs per product, as `vlp/models/flops.py` counts the model's matmuls."""
+    if size < 1 or repeats < 1:
+        raise ValueError(f"measure_matmul_flops: size={size} and repeats={repeats} must be >= 1")
+    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+    b = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+    jax.block_until_ready(matmul(a, b))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+@functools.cache
+def _measured_cpu_peak(device: jax.Device) -> float:
+    return measure_matmul_flops(device)
 
 
 def peak_flops_per_device(device: jax.Device, override: float | None = None) -> float | None:
+    """The MFU denominator: `override` if set; an accelerator's figure from `PEAK_FLOPS_PER_DEVICE` by device kind
+    (None for an unknown kind); on CPU this host's measured fp32 matmul rate (`measure_matmul_flops`, once per
+    process) shared by its CPU devices (`--xla_force_host_platform_device_count=8` makes 8 devices of the same
+    cores, so each gets 1/8)."""
     if override:
         return float(override)
+    if device.platform == "cpu":
+        local = jax.local_devices(backend="cpu")  # devices()[0] may belong to another process
+        return _measured_cpu_peak(local[0]) / len(local)
     kind = device.device_kind
     for name, peak in PEAK_FLOPS_PER_DEVICE.items():
         if name.lower() in kind.lower():
             return peak
-    return PEAK_FLOPS_PER_DEVICE["cpu"] if device.platform == "cpu" else None
+    return None
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
