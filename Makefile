@@ -28,8 +28,10 @@ demo: $(VENV)/.installed-core
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # 2 workers, each test file on one (its fixtures shared)
 
-bench: $(VENV)/.installed-core
+bench: $(VENV)/.installed  # open_clip_step.py compares with open_clip + torch (the interop extra)
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/open_clip_step.py
+	$(PY) benchmarks/xla_cpu_threads.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/compile.py --config=configs/clip.py:tiny --policies=none,full
