@@ -40,8 +40,8 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
 def default_eval(num_examples: int = 500, split: str = "validation", **options: Any) -> dict[str, Any]:
     """The `evals.captioning` entry the CoCa / CapPa configs use: greedy captions of the validation split scored
     against the synthetic caption (`--set evals.captioning.method=beam` switches to 4-beam search)."""
-    return dict(type="captioning", split=split, num_examples=num_examples, batch_size=250,
-                caption="synthetic", **{"method": "greedy", "beams": 4, "length_penalty": 0.6, **options})
+    return {"type": "captioning", "split": split, "num_examples": num_examples, "batch_size": 250,
+            "caption": "synthetic", "method": "greedy", "beams": 4, "length_penalty": 0.6, **options}
 
 
 class CaptioningEvaluator:
