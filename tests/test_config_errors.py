@@ -28,6 +28,17 @@ def test_unknown_key_names_valid_keys():
         tiny_config(**{"optim.learning_rate": "0.1"})
 
 
+def test_a_method_config_that_adds_a_key_fails_at_load(tmp_path):
+    # A config file edits an unlocked base config: a removed or misspelt key (here the per-tower `remat` that
+    # model.remat_policy replaced) would otherwise be added silently and ignored.
+    path = tmp_path / "stale.py"
+    path.write_text("from vlp import config as vlp_config\n\n\ndef get_config(arg=None):\n"
+                    "    c = vlp_config.base_config()\n    c.model.image.remat = True\n"
+                    "    c.evals.extra = dict(type='knn')  # evaluator entries are free-form\n    return c\n")
+    with pytest.raises(KeyError, match=r"sets keys that base_config\(\) does not have: \['model\.image\.remat'\]"):
+        vlp_config.load_config_file(str(path))
+
+
 def test_unknown_variant():
     with pytest.raises(ValueError, match=r"unknown config variant 'huge'.*tiny"):
         vlp_config.load_config_file(str(REPO / "configs" / "clip.py") + ":huge")

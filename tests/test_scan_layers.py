@@ -149,7 +149,8 @@ def test_saved_configs_with_tower_remat_booleans_load_as_full_policy():
 
 
 def test_method_configs_keep_remat():
-    for spec, policy in [("clip.py:L/14", "full"), ("clip.py:B/16", "none"), ("siglip.py:So400m/14", "full")]:
+    for spec, policy in [("clip.py:L/14", "full"), ("clip.py:B/16", "none"), ("siglip.py:So400m/14", "full"),
+                         ("coca.py:L/14", "full"), ("coca.py:B/16", "none")]:
         assert vlp_config.load_config_file(str(REPO / "configs" / spec)).model.remat_policy == policy
 
 

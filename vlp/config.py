@@ -587,8 +587,26 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
+    unknown = unknown_keys(config, base_config())
+    if unknown:
+        raise KeyError(f"config file {path!r} sets keys that base_config() does not have: {unknown}; a method config "
+                       f"may only change existing keys (see vlp/config.py:base_config), or the key was renamed")
     config.lock()
     return config
+
+
+def unknown_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                 prefix: str = "") -> list[str]:
+    """Dotted keys of `config` that `reference` lacks (`evals` entries are free-form and not compared). A method config
+    edits an unlocked base config, so a misspelt or removed key would otherwise be added silently and ignored."""
+    unknown = []
+    for key in config.keys():
+        if key not in reference:
+            unknown.append(prefix + key)
+        elif (key != "evals" or prefix) and isinstance(config[key], ml_collections.ConfigDict) \
+                and isinstance(reference[key], ml_collections.ConfigDict):
+            unknown += unknown_keys(config[key], reference[key], f"{prefix}{key}.")
+    return unknown
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
