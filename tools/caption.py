@@ -22,16 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_config_args, quiet_library_logs, resolve_config  # noqa: E402
-from embed import image_paths, load_image  # noqa: E402
+from embed import add_image_args, image_paths, load_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
-    parser.add_argument("--images", nargs="*", default=None, help="image files")
-    parser.add_argument("--image_list", default=None, help="a text file with one image path per line")
-    parser.add_argument("--image_dir", default=None, help="a folder searched recursively for images")
+    add_image_args(parser)
     parser.add_argument("--out", required=True, help="output .jsonl file")
     parser.add_argument("--decode", default="greedy", choices=("greedy", "beam", "sample"))
     parser.add_argument("--beams", type=int, default=4, help="beam search: beams")

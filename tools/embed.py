@@ -28,6 +28,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 CHUNK = 1024  # images decoded and embedded at a time (bounds host memory)
 
 
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    """--step and the three ways to name images that `image_paths` reads (shared by embed.py and caption.py)."""
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    parser.add_argument("--images", nargs="*", default=None, help="image files")
+    parser.add_argument("--image_list", default=None, help="a text file with one image path per line")
+    parser.add_argument("--image_dir", default=None, help="a folder searched recursively for images")
+
+
 def image_paths(args: argparse.Namespace) -> list[str]:
     paths = list(args.images or [])
     if args.image_list:
@@ -53,10 +61,7 @@ def load_image(path: str, size: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
-    parser.add_argument("--images", nargs="*", default=None, help="image files")
-    parser.add_argument("--image_list", default=None, help="a text file with one image path per line")
-    parser.add_argument("--image_dir", default=None, help="a folder searched recursively for images")
+    add_image_args(parser)
     parser.add_argument("--texts", default=None, help="a UTF-8 text file with one caption per line")
     parser.add_argument("--out", required=True, help="output .npz file, or a folder for .npy files")
     parser.add_argument("--batch_size", type=int, default=256, help="examples per device call")
