@@ -37,7 +37,6 @@ class AlipObjective(TwoTowerObjective):
         return dict(
             momentum_rate=0.01,  # update rate of the gates' running mean similarities (deepglint/ALIP train.py)
             momentum_init=1.0,  # their value at step 0 (ALIP: 1, so the first steps' gates are mostly closed)
-            gates=True,  # False: every weight 1 (two plain InfoNCE terms, the ablation baseline)
         )
 
     @classmethod
@@ -82,8 +81,6 @@ class AlipObjective(TwoTowerObjective):
                  "caption": self.model.apply({"params": params}, batch["text_synthetic"], method=TwoTower.encode_text)}
         weights, momenta = consistency_gates(image_emb, texts["raw"], texts["caption"], extra["momenta"],
                                              self.config.alip.momentum_rate)
-        if not self.config.alip.gates:
-            weights = jax.tree.map(jnp.ones_like, weights)
         loss, metrics = jnp.zeros((), jnp.float32), {"logit_scale": scale}
         for path in TEXT_PATHS:
             term, m = sharded_weighted_contrastive_loss(image_emb, texts[path], scale,
