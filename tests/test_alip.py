@@ -162,3 +162,10 @@ def test_config_errors_name_the_bad_value():
         build_experiment(alip_config(**{"loss.variant": "ring"}))
     with pytest.raises(ValueError, match="alip.momentum_rate=0.0"):
         build_experiment(alip_config(**{"alip.momentum_rate": 0.0}))
+
+
+def test_cluster_variant_builds():
+    config = vlp_config.load_config_file(str(REPO / "configs" / "alip.py") + ":B/16")
+    exp = build_experiment(config)  # abstract shapes and shardings only: nothing is allocated
+    assert sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)) > 1.4e8
+    assert exp.abstract_state.extra["momenta"].shape == (3,)

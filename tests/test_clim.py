@@ -198,3 +198,13 @@ def test_sharded_step_equals_single_device(setup, single_step):
     for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
         diff = np.linalg.norm(np.asarray(g8) - np.asarray(g1))
         assert diff <= 1e-5 * max(np.linalg.norm(g1), 1e-3 * total), (jax.tree_util.keystr(path), diff)
+
+
+def test_cluster_variant_builds_with_the_last_six_blocks_trainable():
+    config = vlp_config.load_config_file(str(REPO / "configs" / "clim.py") + ":B/16")
+    exp = build_experiment(config)  # abstract: the freeze patterns must each match parameters of a B/16
+    paths = [[getattr(k, "key", None) for k in path]
+             for path, _ in jax.tree_util.tree_leaves_with_path(exp.abstract_state.opt_state)]
+    trained = {p[p.index("encoder") + 1] for p in paths if "image" in p and "encoder" in p}
+    assert trained == {f"block_{i}" for i in range(6, 12)}, trained
+    assert not any("text" in p for p in paths)

@@ -78,6 +78,11 @@ def weighted_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_s
     return loss, {"loss_i2t": ce_i2t.mean(), "loss_t2i": ce_t2i.mean(), "weight_mean": weights.mean()}
 
 
+def _row_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """-log softmax(logits)[i, labels[i]] per row: logits [b, C], labels [b] -> [b]."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+
+
 def _weighted_gather(image_emb, text_emb, logit_scale, weights, axes):
     """Per-device body: local rows [b, D] against the all-gathered columns [B, D] (gradient through the gather)."""
     local = image_emb.shape[0]
@@ -85,9 +90,8 @@ def _weighted_gather(image_emb, text_emb, logit_scale, weights, axes):
     all_image = jax.lax.all_gather(image_emb, axes, tiled=True)
     batch = all_text.shape[0]
     labels = jax.lax.axis_index(axes) * local + jnp.arange(local)
-    pick = lambda logits: -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], -1)[:, 0]  # noqa: E731
-    ce_i2t = pick(logit_scale * image_emb @ all_text.T)  # [b]
-    ce_t2i = pick(logit_scale * text_emb @ all_image.T)  # [b]
+    ce_i2t = _row_cross_entropy(logit_scale * image_emb @ all_text.T, labels)  # [b]
+    ce_t2i = _row_cross_entropy(logit_scale * text_emb @ all_image.T, labels)  # [b]
     sums = {"loss": (weights * 0.5 * (ce_i2t + ce_t2i)).sum(), "loss_i2t": ce_i2t.sum(), "loss_t2i": ce_t2i.sum(),
             "weight_mean": weights.sum()}
     metrics = {k: jax.lax.psum(v, axes) / batch for k, v in sums.items()}

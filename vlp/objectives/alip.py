@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from vlp.data.transforms import SelectBothCaptions
-from vlp.models import flops
 from vlp.losses.adaptive import MOMENTUM_NAMES, consistency_gates, sharded_weighted_contrastive_loss
+from vlp.models import flops
 from vlp.models.two_tower import TwoTower
 from vlp.objectives import register
 from vlp.objectives.base import Metrics

@@ -59,6 +59,9 @@ class ClimObjective(TwoTowerObjective):
         if config.model.scan_layers:
             raise ValueError("invalid config: model.scan_layers=True is not supported by objective 'clim' (its dense "
                              "map changes the last ViT block alone); use False")
+        if config.accumulation.steps != 1:
+            raise ValueError(f"invalid config: accumulation.steps={config.accumulation.steps} is not supported by "
+                             "objective 'clim' (its mosaics are laid out over the whole batch); use 1")
         if config.loss.variant != "gather":
             raise ValueError(f"invalid config: loss.variant={config.loss.variant!r}: objective 'clim' uses 'gather'")
 
