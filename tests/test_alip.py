@@ -127,9 +127,11 @@ MOMENTA = np.array([0.2, 0.0, 0.0], np.float32)  # near the batch means: both ga
 def test_loss_is_two_gated_infonce_terms(single):
     exp, run, params, batch = single
     loss, aux, _ = run(MOMENTA, batch)
-    out = exp.objective.model.apply({"params": params}, batch["image"], batch["text_noisy"])
+    obj = exp.objective
+    out, cap = jax.jit(lambda p, b: (obj.model.apply({"params": p}, b["image"], b["text_noisy"]),
+                                     obj.encode_text(p, b["text_synthetic"])))(params, batch)
     img, raw, scale = np.asarray(out["image_emb"]), np.asarray(out["text_emb"]), float(out["logit_scale"])
-    cap = np.asarray(exp.objective.encode_text(params, batch["text_synthetic"]))
+    cap = np.asarray(cap)
     sample, pair_raw, pair_cap, want_momenta = np_gates(img, raw, cap, MOMENTA, 0.01)
     assert 0 < np.sum(sample == 1) < 16
     want = np_weighted_loss(img, raw, scale, sample * pair_raw) + np_weighted_loss(img, cap, scale, sample * pair_cap)
@@ -167,5 +169,5 @@ def test_config_errors_name_the_bad_value():
 def test_cluster_variant_builds():
     config = vlp_config.load_config_file(str(REPO / "configs" / "alip.py") + ":B/16")
     exp = build_experiment(config)  # abstract shapes and shardings only: nothing is allocated
-    assert sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)) > 1.4e8
+    assert sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)) > 1.2e8
     assert exp.abstract_state.extra["momenta"].shape == (3,)

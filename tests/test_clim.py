@@ -95,7 +95,7 @@ def test_roi_align_matches_numpy_reference(aligned):
     boxes = np.array([[0, 0, 7, 5], [1.3, 0.2, 4.9, 3.7], [5.5, 3.5, 7.6, 5.8], [-1.5, -0.7, 2.2, 1.1],
                       [2.0, 2.0, 2.4, 2.2], [6.9, 4.9, 9.0, 7.0]], np.float32)  # whole, inside, border, outside, tiny
     for out_size, ratio in [((1, 1), 2), ((2, 3), 3)]:
-        got = roi_align(jnp.asarray(features), jnp.asarray(boxes), out_size, ratio, aligned)
+        got = jax.jit(roi_align, static_argnums=(2, 3, 4))(features, boxes, out_size, ratio, aligned)
         np.testing.assert_allclose(got, np_roi_align(features, boxes, out_size, ratio, aligned), rtol=1e-5,
                                    atol=1e-6)
 
@@ -129,24 +129,21 @@ def test_dense_map_last_block_skips_attention(setup):
     images = batch["image"][:2]
     changed = images.copy()
     changed[:, :8, :8] += 1.0  # patch (0, 0) only
-    # Within the last block a token sees only itself, so a change of patch (0, 0) reaches the other tokens only
-    # through block 0's attention: compare against the same change with block 0's output frozen by a 1-block model.
+    # A 1-block tower whose only block is the last one: with attention skipped, a change of patch (0, 0) reaches
+    # no other token's dense embedding; the ordinary forward (attention on) spreads it to every token.
     one_block = build_experiment(clim_config(**{"model.image.depth": 1, "optim.freeze": "()"})).objective
     p1 = {**params, "image": {**params["image"], "encoder": {"block_0": params["image"]["encoder"]["block_1"]}}}
-    dense = np.asarray(one_block.encode_dense(p1, jnp.asarray(images)))
-    dense_changed = np.asarray(one_block.encode_dense(p1, jnp.asarray(changed)))
-    diff = np.abs(dense - dense_changed).max(axis=(0, 3))  # [gh, gw]
+    x = jnp.asarray(np.concatenate([images, changed]))
+    dense, plain, full = jax.jit(lambda p, q, x: (one_block.encode_dense(q, x), one_block.encode_patches(q, x),
+                                                  obj.encode_dense(p, x[:2])))(params, p1, x)
+    dense, plain = np.asarray(dense), np.asarray(plain)
+    diff = np.abs(dense[:2] - dense[2:]).max(axis=(0, 3))  # [gh, gw]
     assert diff[0, 0] > 1e-3 and diff.reshape(-1)[1:].max() == 0.0, diff
-    with_attention = np.asarray(one_block.encode_patches(p1, jnp.asarray(changed)))  # the ordinary forward
-    plain = np.asarray(one_block.encode_patches(p1, jnp.asarray(images)))
-    assert np.abs(with_attention - plain).max(axis=(0, 2))[1:].min() > 1e-6  # attention spreads the change
+    assert np.abs(plain[:2] - plain[2:]).max(axis=(0, 2))[1:].min() > 1e-6  # attention spreads the change
     # s = 1: the single cell's region embedding is the normalised mean of the whole image's dense embeddings.
-    full = obj.encode_dense(params, jnp.asarray(images))
     pooled = np.asarray(full).mean(axis=(1, 2))
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
     np.testing.assert_allclose(region_embeddings(full, 1), pooled, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(obj.encode_regions(params, jnp.asarray(images[:1]), 1), pooled[:1], rtol=1e-5,
-                               atol=1e-6)
 
 
 def np_infonce(img, txt, scale):
@@ -175,13 +172,14 @@ def single_step(setup):
 def test_loss_is_infonce_of_regions_and_singles_against_frozen_text(setup, single_step):
     exp, params, batch = setup
     obj = exp.objective
-    images = jnp.asarray(batch["image"])
-    want_img = np.concatenate([np.asarray(obj.encode_regions(params, images[0:4], 2)),
-                               np.asarray(obj.encode_regions(params, images[4:13], 3)),
-                               np.asarray(obj.encode_image(params, images[13:]))])
-    got_img = np.asarray(obj.image_embeddings(params, images))
+
+    def pieces(p, images, text):  # each image on its own path: its own mosaic, or encoded whole
+        parts = [obj.encode_regions(p, images[0:4], 2), obj.encode_regions(p, images[4:13], 3),
+                 obj.encode_image(p, images[13:])]
+        return jnp.concatenate(parts), obj.image_embeddings(p, images), obj.encode_text(p, text)
+
+    want_img, got_img, txt = (np.asarray(a) for a in jax.jit(pieces)(params, batch["image"], batch["text"]))
     np.testing.assert_allclose(got_img, want_img, rtol=1e-5, atol=1e-6)
-    txt = np.asarray(obj.encode_text(params, batch["text"]))
     scale = float(np.exp(params["log_logit_scale"]))
     loss, grads = single_step
     np.testing.assert_allclose(loss, np_infonce(want_img, txt, scale), rtol=1e-5)
