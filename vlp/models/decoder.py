@@ -176,7 +176,7 @@ class TextDecoder(nn.Module):
     tied_embedding: bool = False
     layout: str = "vlp"  # LAYOUTS; "open_clip" needs bos_id
     bos_id: int | None = None
-    cls_mask: str = "correct"  # CLS_MASKS (open_clip layout only)
+    cls_mask: str = "legacy"  # CLS_MASKS (open_clip layout only)
     activation: str = "gelu"
     ln_eps: float = 1e-5
     dtype: Any = jnp.float32
@@ -261,6 +261,7 @@ class TextDecoder(nn.Module):
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, 1, length, length))
         if masked is not None:  # parallel prediction: mask tokens carry no content, so they may see both ways
             mask = mask | masked[:, None, None, None]
+        multi_mask = mask
         if self.embed_cls:
             # The CLS has its own position (the table's last row), so its output does not depend on how far the
             # text is padded.
@@ -272,7 +273,8 @@ class TextDecoder(nn.Module):
             mask = jnp.concatenate([mask, jnp.zeros((batch, 1, length, 1), bool)], axis=3)
             mask = jnp.concatenate([mask, valid[:, None, None, :]], axis=2)
             if self.layout == "open_clip":
-                # open_clip masks padding keys for every row (and its legacy mask is shifted by one position).
+                # open_clip's text tower masks padding keys for every row (its legacy mask shifted by one position);
+                # its multimodal layers are plainly causal.
                 keys = valid if self.cls_mask == "correct" else jnp.concatenate(
                     [jnp.ones((batch, 1), bool), valid[:, :-1]], axis=1)
                 mask = jnp.tril(jnp.ones((length + 1, length + 1), bool))[None, None] & keys[:, None, None, :]
@@ -281,11 +283,10 @@ class TextDecoder(nn.Module):
         cls_feature = None
         if self.embed_cls:
             cls_feature, x = self.ln_cls(x[:, -1]), x[:, :-1]
-            mask = mask[:, :, :-1, :-1]
         if context is None:
             return cls_feature, None
         for j, kv in enumerate(self.cross_kv(context)):
-            x, _ = self._multimodal(j, x, mask, kv)
+            x, _ = self._multimodal(j, x, multi_mask, kv)
         return cls_feature, self._logits(x)
 
     def decode_step(self, prev_token: jax.Array, index: jax.Array, cache: Cache,

@@ -195,7 +195,9 @@ class CocaObjective(CaptioningObjective):
             # --format=open_clip; "vlp": the paper's two poolers and a learned begin embedding.
             layout="vlp",
             bos_id=ml_collections.config_dict.placeholder(int),
-            cls_mask="correct",  # open_clip layout: "correct" or "legacy" (open_clip's pretrained CoCa weights)
+            # open_clip layout: "legacy" (what open_clip's create_model builds, and its pretrained CoCa weights) or
+            # "correct" (open_clip's fixed CLS mask, which its factory does not expose: not exportable)
+            cls_mask="legacy",
         )
 
     @classmethod
