@@ -205,3 +205,19 @@ def test_caption_scores_against_hand_counts():
     # against 16 reference tokens.
     np.testing.assert_allclose(half["bleu4"], np.exp(1 - 16 / 12), rtol=1e-5)
     assert half["cider"] < perfect["cider"]
+
+
+def test_remat_of_the_decoder_blocks_gives_equal_gradients(setup):
+    plain, params, batch = setup
+    remat = build_experiment(coca_config(**{"model.remat_policy": "full"}))
+    grads = []
+    for e in (plain, remat):
+        with e.context():
+            fn = jax.value_and_grad(lambda p, b: e.objective.loss_fn(p, b, jax.random.key(0))[0])
+            checkpointed = str(jax.make_jaxpr(fn)(params, batch)).count("remat2[")
+            grads.append(jax.device_get(jax.jit(fn)(params, batch)[1]))
+        # Remat shows in the program: one checkpointed call per ViT block and per decoder block.
+        dec = e.objective.model.decoder
+        assert checkpointed == (0 if e is plain else 1 + dec["n_uni"] + dec["n_multi"]), checkpointed
+    for path, g in jax.tree_util.tree_leaves_with_path(grads[0]):
+        np.testing.assert_allclose(_at(grads[1], path), g, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))

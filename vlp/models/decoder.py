@@ -177,6 +177,7 @@ class TextDecoder(nn.Module):
     layout: str = "vlp"  # LAYOUTS; "open_clip" needs bos_id
     bos_id: int | None = None
     cls_mask: str = "legacy"  # CLS_MASKS (open_clip layout only)
+    remat_policy: str = "none"  # layers.REMAT_POLICIES: what each block keeps for the backward pass
     activation: str = "gelu"
     ln_eps: float = 1e-5
     dtype: Any = jnp.float32
@@ -202,12 +203,14 @@ class TextDecoder(nn.Module):
             self.ln_cls = layers.layer_norm(self.ln_eps, self.dtype, "ln_cls")
         if self.mask_token:
             self.mask_embed = self.param("mask_embed", init(("embed",)), (self.width,), jnp.float32)
-        block = lambda cross, name: DecoderBlock(  # noqa: E731
+        remat = (lambda cls: cls) if self.remat_policy == "none" else (  # noqa: E731
+            lambda cls: nn.remat(cls, policy=layers.remat_policy_fn(self.remat_policy)))
+        block = lambda cross, name: remat(DecoderBlock)(  # noqa: E731
             self.width, self.num_heads, self.mlp_dim, cross, self.activation, self.ln_eps, self.dtype, name=name)
         self.blocks = [block(False, f"uni_{i}") for i in range(self.n_uni)] + [
             block(not open_clip, f"multi_{i}") for i in range(self.n_multi)]
         if open_clip:
-            self.cross_blocks = [CrossAttentionBlock(self.width, self.num_heads, self.mlp_dim, self.activation,
+            self.cross_blocks = [remat(CrossAttentionBlock)(self.width, self.num_heads, self.mlp_dim, self.activation,
                                                      self.ln_eps, self.dtype, name=f"cross_{i}")
                                  for i in range(self.n_multi)]
         self.ln_final = layers.layer_norm(self.ln_eps, self.dtype, "ln_final")

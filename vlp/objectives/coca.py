@@ -66,7 +66,8 @@ class CaptioningObjective(Objective):
                        num_heads=text.num_heads, mlp_dim=text.mlp_dim, n_uni=n_uni, n_multi=n_multi,
                        pad_id=self.tokenizer.pad_id, embed_cls=self.contrastive,
                        mask_token=not self.contrastive and block.masked_pred_prob > 0,
-                       tied_embedding=block.tied_embedding, activation=m.activation, ln_eps=m.ln_eps)
+                       tied_embedding=block.tied_embedding, activation=m.activation, ln_eps=m.ln_eps,
+                       remat_policy=m.remat_policy)
         layout = block.get("layout", "vlp")
         if layout == "open_clip":
             bos = block.bos_id
