@@ -18,7 +18,7 @@ PROB = 0.5
 def cappa_config(**updates):
     config = vlp_config.load_config_file(str(REPO / "configs" / "cappa.py") + ":tiny")
     config.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    config.model.text.update(width=32, depth=2, mlp_dim=64, num_heads=2)
+    config.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     config.cappa.masked_pred_prob = PROB
     config.batch_size = 16
     config.mesh.num_devices = 1

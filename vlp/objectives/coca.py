@@ -168,6 +168,8 @@ class CaptioningObjective(Objective):
         # cross-attention per multimodal layer: q and out on L, k and v on the context, scores and values
         forward += dec["n_multi"] * (4 * length * width * width + 4 * context * image["width"] * width
                                      + 4 * length * context * width)
+        if self.model.layout == "open_clip":  # each multimodal layer has a second MLP, after its cross-attention
+            forward += dec["n_multi"] * 4 * length * width * mlp
         forward += 2 * length * width * dec["vocab_size"]
         return forward
 
@@ -237,7 +239,8 @@ class CocaObjective(CaptioningObjective):
         image_width = self.model.image["width"]
         forward = self._vit_flops() + self._decoder_flops()
         tokens = (self.config.data.image_size // self.model.image["patch_size"]) ** 2 + 1
-        for queries in (1, self.model.gen_queries):  # poolers: q/out on the queries, k/v on the tokens
+        # poolers: q/out on the queries, k/v on the tokens (the open_clip layout has one, its query 0 contrastive)
+        for queries in (self.model.gen_queries,) if self.model.layout == "open_clip" else (1, self.model.gen_queries):
             forward += 4 * queries * image_width ** 2 + 4 * tokens * image_width ** 2 + 4 * queries * tokens * image_width
         forward += 2 * self.model.embed_dim * (image_width + self.model.decoder["width"])
         forward += flops.contrastive_logits_forward_flops(self.config.batch_size, self.model.embed_dim)
