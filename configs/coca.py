@@ -47,7 +47,7 @@ def get_config(arg: str | None = None):
         c.data.worker_count = 8
         c.model.image.variant = variant
         c.model.text.update(width=width, depth=12, mlp_dim=4 * width, num_heads=width // 64)
-        c.model.remat_policy = "full" if variant == "L/14" else "none"  # the ViT recomputes blocks (not the decoder)
+        c.model.remat_policy = "full" if variant == "L/14" else "none"  # the ViT's and the decoder's blocks
         c.model.embed_dim = width
         c.coca.update(multimodal_depth=12, gen_queries=256, pooler_heads=8)
         c.optim.update(lr=8e-4 if variant == "B/16" else 5e-4, warmup_steps=2000, weight_decay=0.1)

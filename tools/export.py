@@ -10,7 +10,9 @@
 `hf`: a transformers folder: CLIPModel (CLS-pooled, causal text: configs/clip.py) or SiglipModel (MAP-pooled:
 configs/siglip.py), with config.json, model.safetensors, preprocessor_config.json, and the run's sentencepiece
 tokenizer as spiece.model (see TOKENIZER.md there: it is not the CLIP BPE tokenizer).
-`open_clip`: open_clip_config.json + open_clip_model.safetensors, for open_clip.create_model("local-dir:<out>").
+`open_clip`: open_clip_config.json + open_clip_model.safetensors, for open_clip.create_model("local-dir:<out>"):
+a CLIP, or a CoCa trained with coca.layout='open_clip' (its token ids are stored as `vlp_tokens` in the json: pass
+them to `model.generate(..., sot_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)`).
 A model using an option the target cannot represent is refused with the option named.
 """
 
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> Path:
     import jax
 
     from vlp.export import interop
-    from vlp.export.common import ExportError, ModelSpec
+    from vlp.export.common import ExportError
+    from vlp.export.common import ModelSpec
+    from vlp.export.load import model_spec
     from vlp.export.safetensors_io import flatten_params, save_safetensors
     from vlp.train.restore import restore_run
 
@@ -53,11 +57,11 @@ def main(argv: list[str] | None = None) -> Path:
         model_config = dict(exp.objective.model_config(), step=step, source_workdir=str(Path(args.workdir).absolute()))
         weights, _ = save_safetensors(params, model_config, args.out)
     else:
-        model = getattr(exp.objective, "model", None)
-        if not hasattr(model, "image_projection"):
-            raise SystemExit(f"--format={args.format} exports two-tower models (clip, siglip, align); objective "
+        spec = model_spec(getattr(exp.objective, "model", None), exp.config.data.image_size)
+        if spec is None or (args.format == "hf" and not isinstance(spec, ModelSpec)):
+            raise SystemExit(f"--format={args.format} exports two-tower models (clip, siglip, align)"
+                             f"{' and CoCa' if args.format == 'open_clip' else ''}; objective "
                              f"{exp.config.objective!r} is not one; use --format=safetensors")
-        spec = ModelSpec.from_model(model, exp.config.data.image_size)
         try:
             if args.format == "hf":
                 tokenizer = getattr(exp.objective.tokenizer, "_model_proto", None)
@@ -66,7 +70,10 @@ def main(argv: list[str] | None = None) -> Path:
                 if hasattr(exp.objective.tokenizer, "_json"):  # a Hugging Face tokenizer.json: ship it as is
                     (out / "tokenizer.json").write_text(exp.objective.tokenizer._json, encoding="utf-8")
             else:
-                out = interop.write_open_clip(flatten_params(params), spec, args.out)
+                tok = exp.objective.tokenizer
+                tokens = ({"bos_id": exp.config.coca.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+                          if exp.config.objective == "coca" else None)
+                out = interop.write_open_clip(flatten_params(params), spec, args.out, tokens)
                 weights = out / "open_clip_model.safetensors"
         except ExportError as e:
             raise SystemExit(f"cannot export {args.workdir} as {args.format}: {e}") from e

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from _common import quiet_library_logs
     from vlp import config as vlp_config
-    from vlp.export.common import ModelSpec
-    from vlp.export.load import checkpoint_overrides, load_flat_params
+    from vlp.export.load import checkpoint_overrides, load_flat_params, model_spec
     from vlp.export.safetensors_io import save_safetensors, unflatten_params
     from vlp.objectives import get_objective
     from vlp.parallel.sharding import strip_boxes
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     from flax import traverse_util
 
     expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
-    spec = ModelSpec.from_model(objective.model, config.data.image_size)
+    spec = model_spec(objective.model, config.data.image_size)
     flat = load_flat_params(args.format, args.path, spec, expected)
     model_config = dict(objective.model_config(), source=str(Path(args.path).absolute()), source_format=args.format)
     weights, _ = save_safetensors(unflatten_params(flat), model_config, args.out)

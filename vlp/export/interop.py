@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from vlp.export import hf_clip, hf_siglip, mapping, open_clip
+from vlp.export import hf_clip, hf_siglip, mapping, open_clip, open_clip_coca
 from vlp.export.common import BUFFERS, ExportError, ModelSpec
 
 # vlp feeds images in [-1, 1]: pixel / 255 normalised with mean 0.5 and std 0.5 per channel.
@@ -73,17 +73,28 @@ def _write_tokenizer(out: Path, model_proto: bytes, spec: ModelSpec, max_len: in
         }, indent=2))
 
 
-def write_open_clip(flat_params: Mapping[str, np.ndarray], spec: ModelSpec, out_dir: str | Path) -> Path:
-    """Writes open_clip_config.json + open_clip_model.safetensors; raises ExportError if the model does not fit."""
-    open_clip.check_exportable(spec)
-    state_dict = mapping.to_state_dict(open_clip.rules(spec), flat_params)
+def open_clip_module(spec: ModelSpec | open_clip_coca.CocaSpec) -> Any:
+    """open_clip_coca for a CoCa (`CocaSpec`), else open_clip (CLIP)."""
+    return open_clip_coca if isinstance(spec, open_clip_coca.CocaSpec) else open_clip
+
+
+def write_open_clip(flat_params: Mapping[str, np.ndarray], spec: ModelSpec | open_clip_coca.CocaSpec,
+                    out_dir: str | Path, tokens: dict[str, int] | None = None) -> Path:
+    """Writes open_clip_config.json + open_clip_model.safetensors; raises ExportError if the model does not fit.
+
+    `tokens`: the run's special token ids (bos_id, eos_id, pad_id), stored beside `model_cfg` (open_clip ignores
+    them; `generate` needs them as sot/eos/pad_token_id, and init_from reads bos_id back)."""
+    module = open_clip_module(spec)
+    module.check_exportable(spec)
+    state_dict = mapping.to_state_dict(module.rules(spec), flat_params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, str(out / "open_clip_model.safetensors"), metadata={"format": "pt"})
     preprocess = {"size": spec.image_size, "mean": IMAGE_MEAN, "std": IMAGE_STD, "interpolation": "bicubic",
                   "resize_mode": "shortest"}
     (out / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": open_clip.model_config(spec), "preprocess_cfg": preprocess}, indent=2))
+        {"model_cfg": module.model_config(spec), "preprocess_cfg": preprocess,
+         **({"vlp_tokens": tokens} if tokens else {})}, indent=2))
     return out
 
 
@@ -139,7 +150,9 @@ def read_open_clip(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, n
     config = None
     if config_path.is_file():
         raw = json.loads(config_path.read_text())
-        config = raw.get("model_cfg", raw)
+        config = dict(raw.get("model_cfg", raw))
+        if "vlp_tokens" in raw:  # a vlp export's special token ids (see write_open_clip)
+            config["vlp_tokens"] = raw["vlp_tokens"]
     return config, _load_tensors(weights)
 
 

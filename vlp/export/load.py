@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vlp.export import interop, open_clip
+from vlp.export import interop, open_clip, open_clip_coca
 from vlp.export.common import ExportError, ModelSpec
 from vlp.export.mapping import MappingError
 from vlp.export.safetensors_io import flatten_params, load_safetensors
@@ -27,32 +27,51 @@ def checkpoint_overrides(fmt: str, path: str | Path) -> dict[str, Any]:
         return module.config_overrides(config)
     if fmt == "open_clip":
         config, _ = interop.read_open_clip(path)
+        if config and "multimodal_cfg" in config:
+            overrides = open_clip_coca.config_overrides(config)
+            if "bos_id" in config.get("vlp_tokens", {}):
+                overrides["coca.bos_id"] = config["vlp_tokens"]["bos_id"]
+            return overrides
         return open_clip.config_overrides(config) if config else {}
     if fmt == "safetensors":
         return {}
     raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {FORMATS}")
 
 
-def load_flat_params(fmt: str, path: str | Path, spec: ModelSpec | None,
+def load_flat_params(fmt: str, path: str | Path, spec: ModelSpec | open_clip_coca.CocaSpec | None,
                      expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Flat ("/"-joined) fp32 params for a model whose params have the `expected` shapes.
 
-    `spec` describes the vlp model (needed for hf and open_clip, whose names depend on the architecture).
+    `spec` describes the vlp model (needed for hf and open_clip, whose names depend on the architecture; a
+    `CocaSpec` reads open_clip's CoCa).
     """
     if fmt == "safetensors":
         params, _ = load_safetensors(path)
         return _check_flat(flatten_params(params), expected, str(path))
     if spec is None:
-        raise ExportError(f"format {fmt!r} maps onto two-tower models (CLIP, SigLIP, ALIGN) only")
+        raise ExportError(f"format {fmt!r} maps onto two-tower models (CLIP, SigLIP, ALIGN) and (open_clip) CoCa "
+                          "only")
+    if isinstance(spec, open_clip_coca.CocaSpec) and fmt != "open_clip":
+        raise ExportError(f"format {fmt!r} holds no CoCa; CoCa imports from open_clip (or vlp safetensors)")
     if fmt == "hf":
         config, state, module = interop.read_hf(path)
         _check_eos(config.get("text_config", {}).get("eos_token_id"), spec, str(path))
     elif fmt == "open_clip":
         _, state = interop.read_open_clip(path)
-        module = open_clip
+        module = interop.open_clip_module(spec)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {FORMATS}")
     return interop.params_from_state_dict(module, spec, state, expected)
+
+
+def model_spec(model: Any, image_size: int) -> ModelSpec | open_clip_coca.CocaSpec | None:
+    """What the interop formats need to know of an objective's model: a `ModelSpec` (two-tower), a `CocaSpec`
+    (CoCa / CapPa `Captioner`) or None (nothing maps)."""
+    from vlp.models.coca import Captioner
+
+    if isinstance(model, Captioner):
+        return open_clip_coca.CocaSpec.from_model(model, image_size)
+    return ModelSpec.from_model(model, image_size) if hasattr(model, "image_projection") else None
 
 
 def _check_eos(checkpoint_eos: int | None, spec: ModelSpec, where: str) -> None:

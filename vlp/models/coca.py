@@ -4,6 +4,10 @@ ViT tokens -> (CoCa) a 1-query attentional pooler -> projection -> L2-normalised
            -> a `gen_queries`-query attentional pooler (or, with 0, the ViT tokens themselves, as CapPa) -> the image
               tokens the decoder's multimodal layers cross-attend to.
 tokens -> `TextDecoder`: (CoCa) CLS output -> projection -> L2-normalised text embedding; logits [B, L, vocab].
+
+`layout="open_clip"` (CoCa only) is open_clip's CoCa image side instead: ViT tokens without `ln_post` -> ONE
+`gen_queries`-query pooler of width `embed_dim` (its LN is open_clip's `ln_post`); query 0 -> projection -> image
+embedding, queries 1.. -> the decoder's image tokens (so the decoder width must equal `embed_dim`).
 """
 
 from __future__ import annotations
@@ -31,19 +35,31 @@ class Captioner(nn.Module):
     embed_dim: int = 128
     gen_queries: int = 256
     pooler_heads: int = 8
+    layout: str = "vlp"  # decoder.LAYOUTS; also passed to the decoder
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.image_tower = ViT(**self.image, dtype=self.dtype, name="image")
-        self.text_decoder = TextDecoder(**self.decoder, dtype=self.dtype, name="decoder")
+        open_clip = self.layout == "open_clip"
+        self.image_tower = ViT(**self.image, **({"ln_post": False} if open_clip else {}), dtype=self.dtype,
+                               name="image")
+        self.text_decoder = TextDecoder(**self.decoder, layout=self.layout, dtype=self.dtype, name="decoder")
         image_width = self.image["width"]
-        if self.gen_queries:
+        if open_clip:
+            if not (self.contrastive and self.gen_queries >= 2 and self.decoder["width"] == self.embed_dim):
+                raise ValueError(
+                    f"the open_clip layout is CoCa's (contrastive=True) with gen_queries >= 2 (query 0 is the "
+                    f"contrastive one) and decoder width == embed_dim; got contrastive={self.contrastive}, "
+                    f"gen_queries={self.gen_queries}, width={self.decoder['width']}, embed_dim={self.embed_dim}")
+            self.gen_pooler = AttentionPooler(self.gen_queries, self.embed_dim, self.pooler_heads, dtype=self.dtype,
+                                              name="gen_pooler")
+        elif self.gen_queries:
             self.gen_pooler = AttentionPooler(self.gen_queries, image_width, self.pooler_heads, dtype=self.dtype,
                                               name="gen_pooler")
-        if self.contrastive:
+        if self.contrastive and not open_clip:
             self.con_pooler = AttentionPooler(1, image_width, self.pooler_heads, dtype=self.dtype, name="con_pooler")
+        if self.contrastive:
             proj = lambda name: layers.Linear(  # noqa: E731
                 (self.embed_dim,), ("embed", "proj"), use_bias=False, kernel_init=nn.initializers.lecun_normal(),
                 dtype=self.dtype, name=name)
@@ -56,11 +72,14 @@ class Captioner(nn.Module):
         return self.image_tower(images)[1]
 
     def image_context(self, tokens: jax.Array) -> jax.Array:
-        """The image tokens the decoder reads [B, gen_queries or N, width]."""
+        """The image tokens the decoder reads [B, gen_queries (open_clip: - 1) or N, width]."""
+        if self.layout == "open_clip":
+            return self.gen_pooler(tokens)[:, 1:]
         return self.gen_pooler(tokens) if self.gen_queries else tokens
 
     def image_embedding(self, tokens: jax.Array) -> jax.Array:
-        return l2_normalize(self.image_proj(self.con_pooler(tokens)[:, 0]))
+        pooler = self.gen_pooler if self.layout == "open_clip" else self.con_pooler
+        return l2_normalize(self.image_proj(pooler(tokens)[:, 0]))
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         return self.image_embedding(self.image_tokens(images))

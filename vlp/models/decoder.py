@@ -9,6 +9,13 @@ image tokens), then LN and a vocab head (tied to the token embedding or not).
 Generation calls `decode_step` one position at a time with a cache of every layer's keys and values
 (`init_cache`), so a step costs O(L) instead of O(L^2); the cross-attention keys and values of the image tokens are
 computed once (`cross_kv`).
+
+`layout="open_clip"` builds open_clip's CoCa decoder (open_clip/coca_model.py, transformer.py) so weights map one
+to one: position 0 reads the token `bos_id` (open_clip's start-of-text) instead of a learned begin embedding, the
+unimodal layers mask padding keys for every row (`cls_mask` "correct", or "legacy": open_clip's original CLS mask,
+shifted by one position, that its pretrained CoCa weights were trained with), each multimodal layer is a causal
+self-attention block followed by a separate cross-attention block (each with its own MLP; the image tokens get
+their own LN per layer) and the vocab head has no bias.
 """
 
 from __future__ import annotations
@@ -118,6 +125,36 @@ class DecoderBlock(nn.Module):
         return layers.constrain(x, ("batch", "length", "embed")), cache
 
 
+class CrossAttentionBlock(nn.Module):
+    """open_clip's cross-attention block: x + attn(ln_1(x), ln_1_kv(image)); x + mlp(ln_2(x)). [B, T, D]."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    ln_eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.ln_1 = layers.layer_norm(self.ln_eps, self.dtype, "ln_1")
+        self.ln_1_kv = layers.layer_norm(self.ln_eps, self.dtype, "ln_1_kv")
+        self.attn = MultiHeadAttention(self.width, self.num_heads, self.dtype, name="attn")
+        self.ln_2 = layers.layer_norm(self.ln_eps, self.dtype, "ln_2")
+        self.mlp = layers.Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")
+
+    def cross_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.attn.kv(self.ln_1_kv(context))
+
+    def __call__(self, x: jax.Array, cross_kv: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x = x + self.attn.attend(self.ln_1(x), *cross_kv)
+        x = x + self.mlp(self.ln_2(x))
+        return layers.constrain(x, ("batch", "length", "embed"))
+
+
+LAYOUTS = ("vlp", "open_clip")
+CLS_MASKS = ("correct", "legacy")
+
+
 class TextDecoder(nn.Module):
     """tokens [B, L] (+ image tokens [B, S, C]) -> (CLS text feature [B, D] or None, logits [B, L, vocab]).
 
@@ -137,15 +174,28 @@ class TextDecoder(nn.Module):
     embed_cls: bool = False
     mask_token: bool = False
     tied_embedding: bool = False
+    layout: str = "vlp"  # LAYOUTS; "open_clip" needs bos_id
+    bos_id: int | None = None
+    cls_mask: str = "legacy"  # CLS_MASKS (open_clip layout only)
+    remat_policy: str = "none"  # layers.REMAT_POLICIES: what each block keeps for the backward pass
     activation: str = "gelu"
     ln_eps: float = 1e-5
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
+        if self.layout not in LAYOUTS or self.cls_mask not in CLS_MASKS:
+            raise ValueError(f"decoder layout={self.layout!r}, cls_mask={self.cls_mask!r}; valid: {LAYOUTS}, "
+                             f"{CLS_MASKS}")
+        open_clip = self.layout == "open_clip"
+        if open_clip and not (self.bos_id is not None and 0 <= self.bos_id < self.vocab_size
+                              and self.bos_id != self.pad_id):
+            raise ValueError(f"the open_clip decoder layout reads a start token: bos_id={self.bos_id!r} must be a "
+                             f"token id in [0, {self.vocab_size}) other than the padding id {self.pad_id}")
         init = lambda names: layers.partitioned(nn.initializers.normal(0.02), names)  # noqa: E731
         self.token_embed = self.param("token_embed", init(("vocab", "embed")), (self.vocab_size, self.width),
                                       jnp.float32)
-        self.bos_embed = self.param("bos_embed", init(("embed",)), (self.width,), jnp.float32)
+        if not open_clip:
+            self.bos_embed = self.param("bos_embed", init(("embed",)), (self.width,), jnp.float32)
         self.pos_embed = self.param("pos_embed", layers.partitioned(nn.initializers.normal(0.01), ("length", "embed")),
                                     (self.max_len + int(self.embed_cls), self.width), jnp.float32)
         if self.embed_cls:
@@ -153,15 +203,21 @@ class TextDecoder(nn.Module):
             self.ln_cls = layers.layer_norm(self.ln_eps, self.dtype, "ln_cls")
         if self.mask_token:
             self.mask_embed = self.param("mask_embed", init(("embed",)), (self.width,), jnp.float32)
-        block = lambda cross, name: DecoderBlock(  # noqa: E731
+        remat = (lambda cls: cls) if self.remat_policy == "none" else (  # noqa: E731
+            lambda cls: nn.remat(cls, policy=layers.remat_policy_fn(self.remat_policy)))
+        block = lambda cross, name: remat(DecoderBlock)(  # noqa: E731
             self.width, self.num_heads, self.mlp_dim, cross, self.activation, self.ln_eps, self.dtype, name=name)
         self.blocks = [block(False, f"uni_{i}") for i in range(self.n_uni)] + [
-            block(True, f"multi_{i}") for i in range(self.n_multi)]
+            block(not open_clip, f"multi_{i}") for i in range(self.n_multi)]
+        if open_clip:
+            self.cross_blocks = [remat(CrossAttentionBlock)(self.width, self.num_heads, self.mlp_dim, self.activation,
+                                                     self.ln_eps, self.dtype, name=f"cross_{i}")
+                                 for i in range(self.n_multi)]
         self.ln_final = layers.layer_norm(self.ln_eps, self.dtype, "ln_final")
         if not self.tied_embedding:
             # Small init (as the tied table's): the caption loss starts at ln(vocab), a uniform prediction.
-            self.head = layers.Linear((self.vocab_size,), ("embed", "vocab"), kernel_init=nn.initializers.normal(0.02),
-                                      dtype=self.dtype, name="head")
+            self.head = layers.Linear((self.vocab_size,), ("embed", "vocab"), use_bias=not open_clip,
+                                      kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="head")
 
     def _table(self) -> jax.Array:
         # A replicated copy for the lookup (see TextTransformer: gathering from an FSDP-sharded table is slow).
@@ -175,7 +231,23 @@ class TextDecoder(nn.Module):
 
     def cross_kv(self, context: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Keys/values of the image tokens [B, S, C] for each multimodal layer (computed once per image)."""
+        if self.layout == "open_clip":
+            return [blk.cross_kv(context) for blk in self.cross_blocks]
         return [blk.cross_kv(context) for blk in self.blocks[self.n_uni:]]
+
+    def _bos(self) -> jax.Array:
+        """The begin input [width]: a learned embedding, or (open_clip) the start token's row of the table."""
+        if self.layout == "open_clip":
+            return self.token_embed[self.bos_id].astype(self.dtype)
+        return self.bos_embed.astype(self.dtype)
+
+    def _multimodal(self, j: int, x: jax.Array, mask: jax.Array, kv: tuple[jax.Array, jax.Array],
+                    cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        x, cache = self.blocks[self.n_uni + j](x, mask, kv, cache, index)
+        if self.layout == "open_clip":
+            x = self.cross_blocks[j](x, kv)
+        return x, cache
 
     def __call__(self, tokens: jax.Array, context: jax.Array | None,
                  masked: jax.Array | None = None) -> tuple[jax.Array | None, jax.Array | None]:
@@ -184,7 +256,7 @@ class TextDecoder(nn.Module):
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds the decoder's max_len {self.max_len}")
         prev = jnp.take(self._table(), tokens[:, :-1], axis=0)
-        x = jnp.concatenate([jnp.broadcast_to(self.bos_embed.astype(self.dtype), (batch, 1, self.width)), prev], 1)
+        x = jnp.concatenate([jnp.broadcast_to(self._bos(), (batch, 1, self.width)), prev], 1)
         pos = self.pos_embed.astype(self.dtype)
         if masked is not None:
             x = jnp.where(masked[:, None, None], self.mask_embed.astype(self.dtype)[None, None], x)
@@ -192,6 +264,7 @@ class TextDecoder(nn.Module):
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, 1, length, length))
         if masked is not None:  # parallel prediction: mask tokens carry no content, so they may see both ways
             mask = mask | masked[:, None, None, None]
+        multi_mask = mask
         if self.embed_cls:
             # The CLS has its own position (the table's last row), so its output does not depend on how far the
             # text is padded.
@@ -202,16 +275,21 @@ class TextDecoder(nn.Module):
                                      jnp.ones((batch, 1), bool)], axis=1)
             mask = jnp.concatenate([mask, jnp.zeros((batch, 1, length, 1), bool)], axis=3)
             mask = jnp.concatenate([mask, valid[:, None, None, :]], axis=2)
+            if self.layout == "open_clip":
+                # open_clip's text tower masks padding keys for every row (its legacy mask shifted by one position);
+                # its multimodal layers are plainly causal.
+                keys = valid if self.cls_mask == "correct" else jnp.concatenate(
+                    [jnp.ones((batch, 1), bool), valid[:, :-1]], axis=1)
+                mask = jnp.tril(jnp.ones((length + 1, length + 1), bool))[None, None] & keys[:, None, None, :]
         for blk in self.blocks[:self.n_uni]:
             x, _ = blk(x, mask)
         cls_feature = None
         if self.embed_cls:
             cls_feature, x = self.ln_cls(x[:, -1]), x[:, :-1]
-            mask = mask[:, :, :-1, :-1]
         if context is None:
             return cls_feature, None
-        for blk, kv in zip(self.blocks[self.n_uni:], self.cross_kv(context)):
-            x, _ = blk(x, mask, kv)
+        for j, kv in enumerate(self.cross_kv(context)):
+            x, _ = self._multimodal(j, x, multi_mask, kv)
         return cls_feature, self._logits(x)
 
     def decode_step(self, prev_token: jax.Array, index: jax.Array, cache: Cache,
@@ -219,14 +297,16 @@ class TextDecoder(nn.Module):
         """One generation step at position `index`: prev_token [B] is the token at index-1 (ignored at 0, where the
         begin embedding is read). Returns logits [B, vocab] (fp32) and the cache with this position written."""
         emb = jnp.take(self._table(), prev_token, axis=0)
-        x = jnp.where(index == 0, self.bos_embed.astype(self.dtype)[None], emb)
+        x = jnp.where(index == 0, self._bos()[None], emb)
         x = (x + jax.lax.dynamic_index_in_dim(self.pos_embed.astype(self.dtype), index, keepdims=False))[:, None]
         length = cache[0][0].shape[1]
         mask = (jnp.arange(length) <= index)[None, None, None, :]
         new_cache = []
         for i, blk in enumerate(self.blocks):
-            kv = cross_kv[i - self.n_uni] if i >= self.n_uni else None
-            x, layer_cache = blk(x, mask, kv, cache[i], index)
+            if i >= self.n_uni:
+                x, layer_cache = self._multimodal(i - self.n_uni, x, mask, cross_kv[i - self.n_uni], cache[i], index)
+            else:
+                x, layer_cache = blk(x, mask, None, cache[i], index)
             new_cache.append(layer_cache)
         return self._logits(x)[:, 0], new_cache
 

@@ -86,6 +86,7 @@ class ViT(nn.Module):
     posemb: str = "learn"
     num_cls_tokens: int = 1
     ln_pre: bool = True
+    ln_post: bool = True  # False: tokens leave the blocks un-normed (open_clip's CoCa pools them first)
     patch_bias: bool = False
     activation: str = "gelu"
     ln_eps: float = 1e-5
@@ -144,7 +145,8 @@ class ViT(nn.Module):
         x = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.ln_eps, self.fused_qkv,
                            self.remat_policy, self.dtype, self.attention, scan=self.scan_layers,
                            name="encoder")(x)
-        x = layers.layer_norm(self.ln_eps, self.dtype, "ln_post")(x)
+        if self.ln_post:
+            x = layers.layer_norm(self.ln_eps, self.dtype, "ln_post")(x)
         if self.pool == "cls":
             pooled = x[:, 0]
         elif self.pool == "gap":

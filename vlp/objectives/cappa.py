@@ -43,9 +43,14 @@ class CappaObjective(CaptioningObjective):
         p = config.cappa.masked_pred_prob
         _check(0 <= p <= 1, f"cappa.masked_pred_prob={p} must be in [0, 1]")
 
-    def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    def masked_rows(self, rng: jax.Array, batch_size: int) -> jax.Array | None:
+        """Which examples [B] bool are trained by parallel prediction this step (None when the share is 0): each
+        with probability `cappa.masked_pred_prob`, drawn from the step's key."""
         p = self.config.cappa.masked_pred_prob
-        masked = jax.random.uniform(rng, (batch["text"].shape[0],)) < p if p > 0 else None
+        return jax.random.uniform(rng, (batch_size,)) < p if p > 0 else None
+
+    def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        masked = self.masked_rows(rng, batch["text"].shape[0])
         out = self.apply(params, batch["image"], batch["text"], masked)
         loss, metrics = caption_loss(out["logits"], batch["text"], self.tokenizer.pad_id)
         if masked is not None:

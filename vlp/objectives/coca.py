@@ -23,7 +23,7 @@ from vlp.losses.captioning import caption_loss
 from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.coca import Captioner
-from vlp.models.decoder import init_cache
+from vlp.models.decoder import CLS_MASKS, LAYOUTS, init_cache
 from vlp.objectives import register
 from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
 from vlp.objectives.two_tower import image_tower_kwargs
@@ -66,9 +66,24 @@ class CaptioningObjective(Objective):
                        num_heads=text.num_heads, mlp_dim=text.mlp_dim, n_uni=n_uni, n_multi=n_multi,
                        pad_id=self.tokenizer.pad_id, embed_cls=self.contrastive,
                        mask_token=not self.contrastive and block.masked_pred_prob > 0,
-                       tied_embedding=block.tied_embedding, activation=m.activation, ln_eps=m.ln_eps)
+                       tied_embedding=block.tied_embedding, activation=m.activation, ln_eps=m.ln_eps,
+                       remat_policy=m.remat_policy)
+        layout = block.get("layout", "vlp")
+        if layout == "open_clip":
+            bos = block.bos_id
+            _check(isinstance(bos, int) and 0 <= bos < vocab_size and bos not in (self.tokenizer.pad_id,
+                                                                                  self.tokenizer.eos_id),
+                   f"coca.bos_id={bos!r}: the open_clip layout reads a start-of-text token at position 0; give an id "
+                   f"in [0, {vocab_size}) other than pad {self.tokenizer.pad_id} and eos {self.tokenizer.eos_id} "
+                   f"(e.g. {self.tokenizer.vocab_size} with model.text.vocab_size={self.tokenizer.vocab_size + 1}, "
+                   "a row the tokenizer never emits)")
+            _check(text.width == m.embed_dim and block.gen_queries >= 2 and not block.tied_embedding,
+                   f"coca.layout='open_clip' needs model.text.width == model.embed_dim (got {text.width}, "
+                   f"{m.embed_dim}), coca.gen_queries >= 2 (got {block.gen_queries}) and "
+                   f"coca.tied_embedding=False (got {block.tied_embedding})")
+            decoder.update(bos_id=bos, cls_mask=block.cls_mask)
         return dict(image=image, decoder=decoder, contrastive=self.contrastive, embed_dim=m.embed_dim,
-                    gen_queries=block.gen_queries, pooler_heads=block.pooler_heads,
+                    gen_queries=block.gen_queries, pooler_heads=block.pooler_heads, layout=layout,
                     logit_scale_init=m.logit_scale_init, logit_scale_max=m.logit_scale_max,
                     dtype=resolve_compute_dtype(config.precision.compute_dtype))
 
@@ -153,6 +168,8 @@ class CaptioningObjective(Objective):
         # cross-attention per multimodal layer: q and out on L, k and v on the context, scores and values
         forward += dec["n_multi"] * (4 * length * width * width + 4 * context * image["width"] * width
                                      + 4 * length * context * width)
+        if self.model.layout == "open_clip":  # each multimodal layer has a second MLP, after its cross-attention
+            forward += dec["n_multi"] * 4 * length * width * mlp
         forward += 2 * length * width * dec["vocab_size"]
         return forward
 
@@ -176,6 +193,14 @@ class CocaObjective(CaptioningObjective):
             tied_embedding=False,  # vocab head tied to the token embedding (lucidrains) or its own (open_clip)
             contrastive_weight=1.0,  # paper / open_clip defaults (methods.md section 9)
             caption_weight=2.0,
+            # "open_clip": open_clip's CoCa architecture (one pooler whose query 0 is the contrastive one, separate
+            # self- and cross-attention blocks, a start token `bos_id`), exportable with tools/export.py
+            # --format=open_clip; "vlp": the paper's two poolers and a learned begin embedding.
+            layout="vlp",
+            bos_id=ml_collections.config_dict.placeholder(int),
+            # open_clip layout: "legacy" (what open_clip's create_model builds, and its pretrained CoCa weights) or
+            # "correct" (open_clip's fixed CLS mask, which its factory does not expose: not exportable)
+            cls_mask="legacy",
         )
 
     @classmethod
@@ -184,6 +209,8 @@ class CocaObjective(CaptioningObjective):
         _check_common(block, "coca")
         _check(isinstance(block.multimodal_depth, int) and block.multimodal_depth >= 0,
                f"coca.multimodal_depth={block.multimodal_depth!r} must be an integer >= 0")
+        _check(block.layout in LAYOUTS, f"coca.layout={block.layout!r}; valid: {LAYOUTS}")
+        _check(block.cls_mask in CLS_MASKS, f"coca.cls_mask={block.cls_mask!r}; valid: {CLS_MASKS}")
         for key in ("contrastive_weight", "caption_weight"):
             _check(block[key] >= 0, f"coca.{key}={block[key]} must be >= 0")
 
@@ -212,7 +239,8 @@ class CocaObjective(CaptioningObjective):
         image_width = self.model.image["width"]
         forward = self._vit_flops() + self._decoder_flops()
         tokens = (self.config.data.image_size // self.model.image["patch_size"]) ** 2 + 1
-        for queries in (1, self.model.gen_queries):  # poolers: q/out on the queries, k/v on the tokens
+        # poolers: q/out on the queries, k/v on the tokens (the open_clip layout has one, its query 0 contrastive)
+        for queries in (self.model.gen_queries,) if self.model.layout == "open_clip" else (1, self.model.gen_queries):
             forward += 4 * queries * image_width ** 2 + 4 * tokens * image_width ** 2 + 4 * queries * tokens * image_width
         forward += 2 * self.model.embed_dim * (image_width + self.model.decoder["width"])
         forward += flops.contrastive_logits_forward_flops(self.config.batch_size, self.model.embed_dim)

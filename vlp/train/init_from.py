@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from vlp.export.common import ExportError, ModelSpec
-from vlp.export.load import checkpoint_overrides, load_flat_params
+from vlp.export.common import ExportError
+from vlp.export.load import checkpoint_overrides, load_flat_params, model_spec
 from vlp.models.layout import layout_of, stack_layers, unstack_layers
 
 
@@ -43,7 +43,7 @@ def load_init_params(config: ml_collections.ConfigDict, objective: Any, abstract
     if fmt != "safetensors":
         check_config_matches(config, fmt, path)
     model = getattr(objective, "model", None)
-    spec = ModelSpec.from_model(model, config.data.image_size) if hasattr(model, "image_projection") else None
+    spec = model_spec(model, config.data.image_size)
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     # Every format holds per-layer names; a run with model.scan_layers=True stacks them after reading.
     expected = {k: tuple(v.shape) for k, v in unstack_layers(flat_abstract).items()}
