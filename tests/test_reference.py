@@ -80,48 +80,47 @@ def test_reference_is_sharded_like_the_student_frozen_and_without_optimizer_stat
     assert min(moved) >= 0 and np.mean([m > 0 for m in moved]) > 0.9
 
 
+def run_config(teacher: Path, steps: int):
+    return distill_config(teacher, total_steps=steps, **{"mesh.shape": "(2, 2, 1)", "mesh.num_devices": 4})
+
+
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, teacher):
-    """A 2-step clip_distill run (1 process, 4 devices, mesh 2x2x1) and the fingerprint its teacher had."""
-    workdir = tmp_path_factory.mktemp("distill_run")
-    trainer.train_and_evaluate(distill_config(teacher, **{"mesh.shape": "(2, 2, 1)", "mesh.num_devices": 4}),
-                               workdir)
-    return workdir
+    """A clip_distill run (1 process, 4 devices, mesh 2x2x1) against a copy of the teacher, stopped after step 1
+    and resumed to STEPS: (workdir, the teacher copy, the resumed run's final metrics)."""
+    root = tmp_path_factory.mktemp("distill_run")
+    copy = Path(shutil.copytree(teacher, root / "teacher"))
+    trainer.train_and_evaluate(run_config(copy, 1), root / "run")
+    final = trainer.train_and_evaluate(run_config(copy, STEPS), root / "run")
+    return root / "run", copy, final
 
 
-def test_checkpoints_leave_the_reference_out_and_keep_its_fingerprint(one_process_run, teacher):
-    metadata = Checkpointer(one_process_run / "checkpoints", max_to_keep=3, async_save=False)._params_reader \
-        .metadata(one_process_run / "checkpoints" / str(STEPS) / "state").tree
-    assert set(metadata["extra"]) == {frozen.FINGERPRINT_KEY}
-    saved = json.loads((one_process_run / "config.json").read_text())
+def test_checkpoints_leave_the_reference_out_and_keep_its_fingerprint(one_process_run):
+    workdir, teacher, _ = one_process_run
+    reader = Checkpointer(workdir / "checkpoints", max_to_keep=3, async_save=False)._params_reader
+    state_dir = workdir / "checkpoints" / str(STEPS) / "state"
+    assert set(reader.metadata(state_dir).tree["extra"]) == {frozen.FINGERPRINT_KEY}
+    saved = json.loads((workdir / "config.json").read_text())
     assert json.loads(saved["reference"]["config"])["model"]["image"]["width"] == 32  # evaluation needs no teacher
     # The checkpointed fingerprint is the sha256 of the teacher's config.json and checkpoint files.
-    restored = Checkpointer(one_process_run / "checkpoints", max_to_keep=3, async_save=False)._params_reader.restore(
-        one_process_run / "checkpoints" / str(STEPS) / "state")
     root, files = frozen._reference_files("vlp", str(teacher), 1)
-    assert np.array_equal(np.asarray(restored["extra"][frozen.FINGERPRINT_KEY]),
+    assert [f.name for f in files][0] == "config.json" and len(files) > 2
+    assert np.array_equal(np.asarray(reader.restore(state_dir)["extra"][frozen.FINGERPRINT_KEY]),
                           frozen.fingerprint_words(frozen.fingerprint_files(root, files)))
 
 
-def test_resume_reloads_the_reference_and_refuses_a_changed_one(tmp_path, teacher, one_process_run):
-    copy = Path(shutil.copytree(teacher, tmp_path / "teacher"))
-    run_dir = tmp_path / "run"
-    config = lambda steps: distill_config(copy, total_steps=steps,  # noqa: E731
-                                          **{"mesh.shape": "(2, 2, 1)", "mesh.num_devices": 4})
-    trainer.train_and_evaluate(config(1), run_dir)
-    final = trainer.train_and_evaluate(config(STEPS), run_dir)  # the same teacher: resumes, same losses
-    assert final["resumed_from_step"] == 1
-    got, want = train_losses(run_dir), train_losses(one_process_run)
-    assert abs(got[STEPS] - want[STEPS]) <= 1e-5 * abs(want[STEPS])
+def test_resume_reloads_the_reference_and_refuses_a_changed_one(one_process_run):
+    workdir, teacher, final = one_process_run
+    assert final["resumed_from_step"] == 1  # resumed against the same teacher (the 2-process test checks its losses)
     # The teacher trains on (a newer checkpoint): the run must not go on against another model.
-    exp = trainer.build_experiment(vlp_config.load_json(copy / "config.json"))
-    checkpointer = Checkpointer(copy / "checkpoints", max_to_keep=3, async_save=False)
+    exp = trainer.build_experiment(vlp_config.load_json(teacher / "config.json"))
+    checkpointer = Checkpointer(teacher / "checkpoints", max_to_keep=3, async_save=False)
     _, state = checkpointer.restore(exp.abstract_state)
     checkpointer.save(2, state.replace(params=jax.tree.map(lambda x: x * 1.01, state.params)), None, force=True)
     checkpointer.close()
     with pytest.raises(frozen.ReferenceMismatchError, match=r"reference.path='.*teacher' \(vlp\) is not the "
                                                             r"reference model this run was trained against"):
-        trainer.train_and_evaluate(config(STEPS + 1), run_dir)
+        trainer.train_and_evaluate(run_config(teacher, STEPS + 1), workdir)
 
 
 def test_a_run_without_reference_path_says_what_is_missing():
@@ -138,11 +137,11 @@ DISTILL_ARGS = ["--config=configs/distill.py:tiny", f"--config.total_steps={STEP
                 "--config.model.embed_dim=32"]
 
 
-def test_two_processes_load_the_reference_and_train_like_one(tmp_path, teacher, one_process_run, compile_cache):
+def test_two_processes_load_the_reference_and_train_like_one_resumed_process(tmp_path, teacher, one_process_run, compile_cache):
     two = tmp_path / "two"
     run(["bash", str(LAUNCHER), "2", f"--workdir={two}", *DISTILL_ARGS, f"--config.reference.path={teacher}"],
         clean_env(compile_cache, 2), 240)
-    got, want = train_losses(two), train_losses(one_process_run)
+    got, want = train_losses(two), train_losses(one_process_run[0])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])

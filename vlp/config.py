@@ -385,7 +385,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
            f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
     _check_init_from(config.init_from)
-    _check_init_from(config.reference, "reference")
+    # A started run has recorded its reference's config: evaluating or exporting it must not need the reference
+    # (a resume still does, and the loading names a missing one).
+    _check_init_from(config.reference if not config.reference.config else
+                     ml_collections.ConfigDict(dict(format=config.reference.format, path="")), "reference")
     _check(isinstance(config.allow_data_change, bool),
            f"allow_data_change={config.allow_data_change!r}; valid: True or False")
     _validate_watchdog(config.watchdog)
