@@ -198,3 +198,14 @@ def test_cosine_kind_needs_the_teachers_embed_dim(teacher):
                             "model.embed_dim": 16})
     with pytest.raises(ValueError, match=r"model.embed_dim=16 differs from the teacher's 32"):
         trainer.build_experiment(config)
+
+
+@pytest.mark.parametrize("spec", ["distill.py:B/16", "modx.py:B/16", "modx.py:tiny", "modx.py:tiny_finetune"])
+def test_method_configs_load_and_validate(spec):
+    from conftest import REPO
+
+    from vlp import config as vlp_config
+
+    config = vlp_config.load_config_file(str(REPO / "configs" / spec))
+    vlp_config.validate(config)  # the reference and init_from paths are the user's to set
+    assert config.objective in ("clip_distill", "modx", "clip")
