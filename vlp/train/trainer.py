@@ -26,9 +26,8 @@ from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
-from vlp.train import accumulation, evaluation
+from vlp.train import accumulation, evaluation, frozen
 from vlp.train.checkpoint import Checkpointer, CheckpointWriteError, UnrestorableCheckpointError
-from vlp.train import frozen
 from vlp.train.frozen import restore_params
 from vlp.train.init_from import load_init_params
 from vlp.train.metrics import MetricWriter, peak_flops_per_device, progress_line, say, to_python
