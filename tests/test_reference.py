@@ -20,6 +20,7 @@ from vlp import config as vlp_config
 from vlp.parallel import sharding
 from vlp.train import frozen, trainer
 from vlp.train.checkpoint import Checkpointer
+from vlp.train.restore import restore_run
 
 STEPS = 2
 
@@ -107,6 +108,9 @@ def test_checkpoints_leave_the_reference_out_and_keep_its_fingerprint(one_proces
     assert [f.name for f in files][0] == "config.json" and len(files) > 2
     assert np.array_equal(np.asarray(reader.restore(state_dir)["extra"][frozen.FINGERPRINT_KEY]),
                           frozen.fingerprint_words(frozen.fingerprint_files(root, files)))
+    # The tools (eval, export, embed) restore the run without its reference.
+    _, step, state = restore_run(workdir)
+    assert step == STEPS and set(state.extra) == {frozen.FINGERPRINT_KEY}
 
 
 def test_resume_reloads_the_reference_and_refuses_a_changed_one(one_process_run):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlp import config as vlp_config
@@ -227,9 +226,8 @@ def attach_reference(reference: Reference, state: Any, extra_shardings: Any, res
     params, hex_digest = reference.load(extra_shardings[REFERENCE_KEY])
     words = fingerprint_words(hex_digest)
     if resumed:
-        saved = np.asarray(multihost_utils.process_allgather(state.extra[FINGERPRINT_KEY], tiled=True)
-                           if jax.process_count() > 1 else jax.device_get(state.extra[FINGERPRINT_KEY]))
-        saved = saved.reshape(-1, FINGERPRINT_WORDS)[0]
+        # Replicated: every process reads its own copy (no collective; the same on every process).
+        saved = np.asarray(state.extra[FINGERPRINT_KEY].addressable_shards[0].data).reshape(FINGERPRINT_WORDS)
         if not np.array_equal(saved, words):
             saved_hex = saved.astype(">u4").tobytes().hex()
             raise ReferenceMismatchError(
