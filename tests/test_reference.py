@@ -141,7 +141,8 @@ DISTILL_ARGS = ["--config=configs/distill.py:tiny", f"--config.total_steps={STEP
                 "--config.model.embed_dim=32"]
 
 
-def test_two_processes_load_the_reference_and_train_like_one_resumed_process(tmp_path, teacher, one_process_run, compile_cache):
+def test_two_processes_load_the_reference_and_train_like_one_resumed_process(tmp_path, teacher, one_process_run,
+                                                                           compile_cache):
     two = tmp_path / "two"
     run(["bash", str(LAUNCHER), "2", f"--workdir={two}", *DISTILL_ARGS, f"--config.reference.path={teacher}"],
         clean_env(compile_cache, 2), 240)

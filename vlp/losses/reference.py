@@ -67,10 +67,11 @@ def _gathered_body(kind: str, axes: tuple[str, ...]):
         all_ref_img, all_ref_txt = (jax.lax.all_gather(x, axes, tiled=True) for x in (ref_img, ref_txt))
         batch = all_img.shape[0]
         labels = jax.lax.axis_index(axes) * local + jnp.arange(local)
-        kl_i2t, kept_i2t = _row_terms(kind, scale * jnp.dot(img, all_txt.T), ref_scale * jnp.dot(ref_img, all_ref_txt.T),
-                                      labels)  # local image rows [b, B]
-        kl_t2i, kept_t2i = _row_terms(kind, scale * jnp.dot(txt, all_img.T), ref_scale * jnp.dot(ref_txt, all_ref_img.T),
-                                      labels)  # local text rows [b, B]
+        # Local image rows and local text rows, each against all columns: [b, B].
+        kl_i2t, kept_i2t = _row_terms(kind, scale * jnp.dot(img, all_txt.T),
+                                      ref_scale * jnp.dot(ref_img, all_ref_txt.T), labels)
+        kl_t2i, kept_t2i = _row_terms(kind, scale * jnp.dot(txt, all_img.T),
+                                      ref_scale * jnp.dot(ref_txt, all_ref_img.T), labels)
         total = jax.lax.psum(kl_i2t.sum() + kl_t2i.sum(), axes)
         loss = 0.5 * total / batch if kind == "kl" else 0.5 * total
         kept = jax.lax.psum(kept_i2t.sum() + kept_t2i.sum(), axes) * 0.5 / batch
