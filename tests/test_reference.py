@@ -150,3 +150,25 @@ def test_two_processes_load_the_reference_and_train_like_one_resumed_process(tmp
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+def test_a_safetensors_export_loads_as_the_reference_with_its_own_config(tmp_path, teacher):
+    from vlp.export.safetensors_io import save_safetensors
+
+    config = vlp_config.load_json(teacher / "config.json")
+    exp = trainer.build_experiment(config)
+    want = teacher_params(teacher)
+    save_safetensors(want, exp.objective.model_config(), tmp_path / "export")
+    # The student is narrower than the exported teacher: the reference is built from the export's model config.
+    run = distill_config(tmp_path / "export", **{"reference.format": "safetensors", "model.image.width": 16,
+                                                 "model.text.width": 16, "model.embed_dim": 16})
+    reference = frozen.Reference(run)
+    assert reference.config.model.image.width == 32 and json.loads(run.reference.config)["model"]["embed_dim"] == 32
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:1])
+    shapes = frozen.abstract_params(reference.objective, mesh, sharding.as_rules(run.sharding_rules))
+    params, digest = reference.load(jax.tree.map(lambda x: x.sharding, shapes))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), params, want))
+    files = frozen._reference_files("safetensors", str(tmp_path / "export"), None)[1]
+    assert sorted(f.name for f in files) == ["model.safetensors", "model_config.json"]
+    assert digest == frozen.fingerprint_files(tmp_path / "export", files)

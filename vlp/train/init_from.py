@@ -49,7 +49,7 @@ def load_exported_params(fmt: str, path: str, objective: Any, abstract_params: A
     """Params of an export (format safetensors|hf|open_clip) for `objective`'s model, placed as `abstract_params`
     (ShapeDtypeStructs with shardings). The caller checks that the export holds the model `objective` builds."""
     model = getattr(objective, "model", None)
-    spec = ModelSpec.from_model(model, config.data.image_size) if hasattr(model, "image_projection") else None
+    spec = ModelSpec.from_model(model, objective.config.data.image_size) if hasattr(model, "image_projection") else None
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     # Every format holds per-layer names; a run with model.scan_layers=True stacks them after reading.
     expected = {k: tuple(v.shape) for k, v in unstack_layers(flat_abstract).items()}
