@@ -151,6 +151,15 @@ BAD_CONFIGS = {
         {"objective": "coca", "coca.caption_weight": "-1"}, r"coca.caption_weight=-1.0 must be >= 0"),
     "cappa_masked_pred_prob_above_one": (
         {"objective": "cappa", "cappa.masked_pred_prob": "1.5"}, r"cappa.masked_pred_prob=1.5 must be in \[0, 1\]"),
+    "clip_distill_unknown_kind": (
+        {"objective": "clip_distill", "clip_distill.kind": "mse"},
+        r"clip_distill.kind='mse'; valid: \('kl', 'cosine'\)"),
+    "modx_negative_alpha": ({"objective": "modx", "modx.alpha": "-1"}, r"modx.alpha=-1.0 must be >= 0"),
+    "reference_unknown_format": ({"reference.format": "onnx"}, r"reference.format='onnx'; valid: \('vlp', "),
+    "reference_missing_workdir": (
+        {"reference.path": "/nonexistent/teacher"}, r"reference.path='/nonexistent/teacher' is not a directory"),
+    "shapes_class_range_out_of_bounds": (
+        {"data.source": "shapes:classes=0-64"}, r"shapes:classes=0-64: the class range must lie in 0-63"),
 }
 
 

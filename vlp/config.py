@@ -160,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Params that start a fresh run (fine-tuning, LiT): format vlp (a workdir or its checkpoints/; its newest
     # params), safetensors (vlp's export), hf (a CLIPModel / SiglipModel folder) or open_clip (a state dict file).
     c.init_from = dict(format="vlp", path="")
+    # A frozen reference model (distillation teacher, Mod-X's previous phase) for objectives that read one
+    # (vlp.train.frozen.Reference): loaded onto the mesh like the student, never trained, never checkpointed (a resume
+    # reloads it and checks its fingerprint). Formats as init_from's. `config` is recorded at the first start (the
+    # reference's own resolved config, JSON), so evaluating or exporting the run never needs the reference.
+    c.reference = dict(format="vlp", path="", config="")
     # Resuming a workdir whose saved config.json differs in a key that changes the training stream (the list is
     # vlp.train.workdir.DATA_STREAM_KEYS: batch size, seed, sources, image size, tokenizer, masks, ...) is refused,
     # because the saved data position is a batch index that the new stream would reinterpret. True: resume anyway.
@@ -307,19 +312,20 @@ def _check_data_sources(data: ml_collections.ConfigDict) -> None:
 INIT_FROM_FORMATS = ("vlp", "safetensors", "hf", "open_clip")
 
 
-def _check_init_from(init_from: ml_collections.ConfigDict) -> None:
+def _check_init_from(init_from: ml_collections.ConfigDict, name: str = "init_from") -> None:
+    """Checks an `init_from`-like block (also `reference`): a known format and a path that exists."""
     fmt, path = init_from.format, init_from.path
-    _check(fmt in INIT_FROM_FORMATS, f"init_from.format={fmt!r}; valid: {INIT_FROM_FORMATS}")
+    _check(fmt in INIT_FROM_FORMATS, f"{name}.format={fmt!r}; valid: {INIT_FROM_FORMATS}")
     if not path:
         return
     if fmt == "vlp":
-        _check(epath.Path(path).is_dir(), f"init_from.path={path!r} is not a directory; give a vlp workdir (or "
+        _check(epath.Path(path).is_dir(), f"{name}.path={path!r} is not a directory; give a vlp workdir (or "
                                           "its checkpoints/)")
     elif fmt == "open_clip":
-        _check(Path(path).exists(), f"init_from.path={path!r} does not exist; give an open_clip state dict file "
+        _check(Path(path).exists(), f"{name}.path={path!r} does not exist; give an open_clip state dict file "
                                     "(.pt/.bin/.safetensors) or the folder tools/export.py --format=open_clip wrote")
     else:
-        _check(Path(path).exists(), f"init_from.path={path!r} does not exist; give the folder (or "
+        _check(Path(path).exists(), f"{name}.path={path!r} does not exist; give the folder (or "
                                     f"model.safetensors) that tools/export.py --format={fmt} wrote")
 
 
@@ -379,6 +385,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
            f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
     _check_init_from(config.init_from)
+    # A started run has recorded its reference's config: evaluating or exporting it must not need the reference
+    # (a resume still does, and the loading names a missing one).
+    _check_init_from(config.reference if not config.reference.config else
+                     ml_collections.ConfigDict(dict(format=config.reference.format, path="")), "reference")
     _check(isinstance(config.allow_data_change, bool),
            f"allow_data_change={config.allow_data_change!r}; valid: True or False")
     _validate_watchdog(config.watchdog)

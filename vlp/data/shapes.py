@@ -221,9 +221,11 @@ def _place_distractors(u: list[float], main_cls: int, cx: float, cy: float, radi
     return tuple(placed)
 
 
-def _layout(u: list[float]) -> _Layout:
+def _layout(u: list[float], classes: tuple[int, ...] | None = None) -> _Layout:
+    """`classes` (None: all) restricts the main shape's label; the other draws are unchanged."""
     m = u[_MAIN]
-    label, size, position = int(m[0] * len(CLASS_NAMES)), int(m[1] * len(SIZES)), int(m[2] * len(POSITIONS))
+    size, position = int(m[1] * len(SIZES)), int(m[2] * len(POSITIONS))
+    label = int(m[0] * len(CLASS_NAMES)) if classes is None else classes[int(m[0] * len(classes))]
     lo_d, hi_d = _DIAMETERS[size]
     radius = (lo_d + m[3] * (hi_d - lo_d)) / 2
     # Keep the shape inside the image and its centroid inside its quadrant, clear of the midlines.
@@ -310,8 +312,8 @@ def _draw(image: np.ndarray, mask: np.ndarray, cls: int, cx: float, cy: float, r
     mask[y0:y1, x0:x1][inside] = cls + 1
 
 
-def make_example(split: str, index: int, image_size: int = 32) -> dict:
-    """One example, deterministic in (split, index).
+def make_example(split: str, index: int, image_size: int = 32, classes: tuple[int, ...] | None = None) -> dict:
+    """One example, deterministic in (split, index) (and `classes`: the labels the main shape is drawn from).
 
     Returns {"image": uint8 [S, S, 3], "mask": uint8 [S, S] (see module docstring), "label": int in [0, 64),
     "caption_noisy": str, "caption_synthetic": str, "index": int}.
@@ -319,7 +321,7 @@ def make_example(split: str, index: int, image_size: int = 32) -> dict:
     image_size = _check_image_size(image_size)
     rng = _rng(split, index)
     u = _uniforms(rng)
-    layout = _layout(u)
+    layout = _layout(u, classes)
     image, grain_amp = _background(u[_BACKGROUND], image_size)
     mask = np.zeros((image_size, image_size), np.uint8)
     for cls, dcx, dcy, r, rgb in layout.distractors:
@@ -345,8 +347,10 @@ class ShapesSource:
     Stateless and picklable (holds only split, length and image size).
     """
 
-    def __init__(self, split: str, num_examples: int | None = None, image_size: int = 32):
+    def __init__(self, split: str, num_examples: int | None = None, image_size: int = 32,
+                 classes: tuple[int, ...] | None = None):
         _check_split(split)
+        self.classes = None if classes is None else tuple(int(c) for c in classes)
         self.image_size = _check_image_size(image_size)
         if num_examples is None:
             num_examples = SPLIT_SIZES[split]
@@ -362,7 +366,7 @@ class ShapesSource:
         key = int(record_key)
         if not 0 <= key < self.num_examples:
             raise IndexError(f"record_key {record_key} out of range [0, {self.num_examples}) for split {self.split!r}")
-        return make_example(self.split, key, self.image_size)
+        return make_example(self.split, key, self.image_size, self.classes)
 
     def __repr__(self) -> str:
         return f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, image_size={self.image_size})"

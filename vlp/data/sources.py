@@ -2,6 +2,8 @@
 
 A spec is one string (`data.source`, and each entry of `data.mixture`):
   `shapes`                         the embedded procedural dataset
+  `shapes:classes=<lo>-<hi>`       the same with the main shape's class drawn from labels lo..hi only (continual
+                                   training phases, e.g. Mod-X on two halves of the 64 classes)
   `arrayrecord:<dir or manifest>`  shards written by tools/make_shards.py (`<dir>/manifest.json`)
   `tfds:<name>[:<version>]`        a prepared TFDS dataset, read through `tfds.data_source` (no TensorFlow);
                                    `name` may hold a config (`coco_captions/2017`); data dir: $TFDS_DATA_DIR
@@ -22,7 +24,7 @@ from etils import epath
 
 from vlp.data import records, shapes
 
-SPEC_FORMS = ("shapes", "arrayrecord:<dir or manifest.json>", "tfds:<name>[:<version>]")
+SPEC_FORMS = ("shapes", "shapes:classes=<lo>-<hi>", "arrayrecord:<dir or manifest.json>", "tfds:<name>[:<version>]")
 SOURCES = ("shapes", "arrayrecord", "tfds")
 # Zero-shot prompts for sources other than shapes (a short subset of CLIP's ImageNet templates).
 GENERIC_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
@@ -34,9 +36,23 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, arg = str(spec).partition(":")
     if kind == "shapes" and not sep:
         return kind, ""
+    if kind == "shapes" and shapes_classes(arg) is not None:
+        return kind, arg
     if kind in ("arrayrecord", "tfds") and arg:
         return kind, arg
     raise ValueError(f"unknown data source {spec!r}; valid forms: {list(SPEC_FORMS)}")
+
+
+def shapes_classes(arg: str) -> tuple[int, ...] | None:
+    """`"classes=0-31"` -> (0, ..., 31); None for any other argument (the spec is then invalid)."""
+    key, _, value = arg.partition("=")
+    lo, _, hi = value.partition("-")
+    if key != "classes" or not (lo.isdigit() and hi.isdigit()):
+        return None
+    lo, hi = int(lo), int(hi)
+    if not 0 <= lo <= hi < len(shapes.CLASS_NAMES):
+        raise ValueError(f"shapes:{arg}: the class range must lie in 0-{len(shapes.CLASS_NAMES) - 1} with lo <= hi")
+    return tuple(range(lo, hi + 1))
 
 
 # ------------------------------------------------------------------------------------------------ ArrayRecord
@@ -191,7 +207,8 @@ def make_source(spec: str, split: str, image_size: int, num_examples: int | None
     """The source of one split; records are dicts with `image`, `caption_*`, `label`, `index` (module doc)."""
     kind, arg = parse_spec(spec)
     if kind == "shapes":
-        return shapes.ShapesSource(split, num_examples=num_examples, image_size=image_size)
+        return shapes.ShapesSource(split, num_examples=num_examples, image_size=image_size,
+                                   classes=shapes_classes(arg) if arg else None)
     if kind == "arrayrecord":
         return ArrayRecordSource(arg, split, image_size, num_examples)
     return TfdsSource(arg, split, image_size, num_examples)

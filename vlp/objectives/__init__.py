@@ -40,4 +40,5 @@ def config_blocks() -> dict[str, dict]:
 
 
 # Built-in objectives register themselves on import.
-from vlp.objectives import alip, align, cappa, clim, clip, coca, eva, mae, siglip, simmim, tips  # noqa: E402,F401
+from vlp.objectives import (  # noqa: E402,F401
+    alip, align, cappa, clim, clip, coca, distill, eva, mae, modx, siglip, simmim, tips)

@@ -55,6 +55,12 @@ class Objective(abc.ABC):
     def validate_config(cls, config: ml_collections.ConfigDict) -> None:
         """Checks this objective's block when it is the configured objective (raise ValueError naming key/value)."""
 
+    # A frozen reference model (vlp.train.frozen.Reference, from config.reference: a distillation teacher, Mod-X's
+    # previous phase). Objectives that read one set it in __init__, set has_extra and put `reference.init_extra()`
+    # into their extra state; the trainer loads it there at every start and keeps it out of checkpoints, so the
+    # loss reads it as extra[frozen.REFERENCE_KEY].
+    reference: Any = None
+
     # Objectives with state outside the optimizer (EMA teacher, centres) override the three hooks below; the trainer
     # then calls `loss_fn_with_extra` instead of `loss_fn` and stores `update_extra`'s result in TrainState.extra.
     has_extra: bool = False

@@ -42,8 +42,14 @@ def load_init_params(config: ml_collections.ConfigDict, objective: Any, abstract
     fmt, path = config.init_from.format, config.init_from.path
     if fmt != "safetensors":
         check_config_matches(config, fmt, path)
+    return load_exported_params(fmt, path, objective, abstract_params)
+
+
+def load_exported_params(fmt: str, path: str, objective: Any, abstract_params: Any) -> Any:
+    """Params of an export (format safetensors|hf|open_clip) for `objective`'s model, placed as `abstract_params`
+    (ShapeDtypeStructs with shardings). The caller checks that the export holds the model `objective` builds."""
     model = getattr(objective, "model", None)
-    spec = model_spec(model, config.data.image_size)
+    spec = model_spec(model, objective.config.data.image_size)
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     # Every format holds per-layer names; a run with model.scan_layers=True stacks them after reading.
     expected = {k: tuple(v.shape) for k, v in unstack_layers(flat_abstract).items()}

@@ -8,13 +8,15 @@ import ml_collections
 from etils import epath
 
 from vlp.train.checkpoint import Checkpointer
+from vlp.train.frozen import without_reference
 from vlp.train.trainer import Experiment, build_experiment
 from vlp.train.workdir import load_config
 
 
 def restore_run(workdir: epath.PathLike, overrides: dict[str, str] | None = None, step: int | None = None,
                 config: ml_collections.ConfigDict | None = None) -> tuple[Experiment, int, Any]:
-    """(experiment, step, TrainState) of a workdir's newest good (or the given) checkpoint."""
+    """(experiment, step, TrainState) of a workdir's newest good (or the given) checkpoint. A frozen reference model
+    (config.reference) is not in checkpoints and not loaded: the tools need the run's own params only."""
     workdir = epath.Path(workdir)
     config = config if config is not None else load_config(workdir, overrides)
     exp = build_experiment(config)
@@ -24,7 +26,7 @@ def restore_run(workdir: epath.PathLike, overrides: dict[str, str] | None = None
                                 f"--workdir={workdir})")
     checkpointer = Checkpointer(checkpoints, max_to_keep=config.keep_checkpoints, async_save=False)
     try:
-        restored_step, state = checkpointer.restore(exp.abstract_state, None, step)
+        restored_step, state = checkpointer.restore(without_reference(exp.abstract_state), None, step)
     finally:
         checkpointer.close()
     return exp, restored_step, state

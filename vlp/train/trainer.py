@@ -26,7 +26,7 @@ from vlp.objectives import get_objective
 from vlp.objectives.base import Objective
 from vlp.parallel import mesh as mesh_lib
 from vlp.parallel import sharding
-from vlp.train import accumulation, evaluation
+from vlp.train import accumulation, evaluation, frozen
 from vlp.train.checkpoint import Checkpointer, CheckpointWriteError, UnrestorableCheckpointError
 from vlp.train.frozen import restore_params
 from vlp.train.init_from import load_init_params
@@ -253,9 +253,9 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
     config = exp.config
     if checkpointer.latest_step() is not None:
         try:
-            step, state = checkpointer.restore(exp.abstract_state, data_iter)
+            step, state = checkpointer.restore(frozen.without_reference(exp.abstract_state), data_iter)
             say(f"resumed from checkpoint step {step}")
-            return step, state
+            return step, _with_reference(exp, state, resumed=True)
         except UnrestorableCheckpointError as e:  # damage only: a transient read error stops the run instead
             if config.on_unrestorable_checkpoint != "fresh_start":
                 raise
@@ -275,7 +275,18 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, data_iter: Any) 
     if exp.objective.has_extra:  # from the params actually used (an EMA teacher of init_from's), or from disk
         with exp.context():
             state = state.replace(extra=exp.objective.initial_extra(state.params, exp.state_shardings.extra))
-    return 0, state
+    return 0, _with_reference(exp, state, resumed=False)
+
+
+def _with_reference(exp: Experiment, state: TrainState, resumed: bool) -> TrainState:
+    """`state` with the objective's frozen reference model (if it reads one) loaded into its extra state; checkpoints
+    never hold it (`frozen.without_reference`), a resumed state's fingerprint must match it."""
+    if exp.objective.reference is None:
+        return state
+    with exp.context():
+        state = frozen.attach_reference(exp.objective.reference, state, exp.state_shardings.extra, resumed)
+    say(f"loaded the frozen reference model from {exp.objective.reference.path} ({exp.objective.reference.format})")
+    return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, float]:
@@ -378,7 +389,7 @@ class _Loop:
         """Saves (and for the final or preemption checkpoint waits); an I/O failure follows on_checkpoint_error and
         is counted in the returned state (so the next checkpoint holds it)."""
         try:
-            self.checkpointer.save(step, state, self.data_iter, force=final)
+            self.checkpointer.save(step, frozen.without_reference(state), self.data_iter, force=final)
             if final:
                 self.checkpointer.wait()
         except CheckpointWriteError as e:
@@ -489,7 +500,9 @@ class _Loop:
             raise NonFiniteLossError(nonfinite_message(1, step, bad_step, bad_metrics) + f"; {why}")
         counters = {k: int(v) for k, v in jax.device_get(state.counters).items()}
         self.checkpointer.wait()
-        restored_step, state = self.checkpointer.restore(self.exp.abstract_state, None, latest)
+        restored_step, state = self.checkpointer.restore(frozen.without_reference(self.exp.abstract_state), None,
+                                                         latest)
+        state = _with_reference(self.exp, state, resumed=True)
         counters.update(rollbacks=counters["rollbacks"] + 1,
                         skipped_nonfinite_steps=counters["skipped_nonfinite_steps"] - bad)
         state = self._set_counters(state, **counters)
