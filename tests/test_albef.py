@@ -1,6 +1,6 @@
-"""ALBEF: one train step on a 2x4x1 mesh equals one device (loss, every gradient leaf, the updated params, momentum
-model and queues), the EMA extremes (m = 1 keeps the momentum model, m = 0 copies), the queue's FIFO enqueue of the
-step's momentum features, and config errors."""
+"""ALBEF and TCL: one train step on a 2x4x1 mesh equals one device (loss, every gradient leaf, momentum model and
+queues after the step), the EMA extremes (m = 1 keeps the momentum model, m = 0 copies), the queue's FIFO enqueue of
+the step's momentum features, TCL's second view, and config errors."""
 
 import jax
 import numpy as np
@@ -16,12 +16,12 @@ from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 
-def albef_config(**updates):
-    config = vlp_config.load_config_file(str(REPO / "configs" / "albef.py") + ":tiny")
+def albef_config(objective="albef", **updates):
+    config = vlp_config.load_config_file(str(REPO / "configs" / f"{objective}.py") + ":tiny")
     config.model.image.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     config.model.text.update(width=32, depth=2, mlp_dim=64, num_heads=2)
     config.model.embed_dim = 32
-    config.albef.update(queue_size=64, alpha_ramp_steps=0)  # alpha = 0.4 from step 0: distillation is exercised
+    config[objective].update(queue_size=64, alpha_ramp_steps=0)  # alpha = 0.4 from step 0: distillation is exercised
     config.batch_size = 16
     config.mesh.num_devices = 1
     config.optim.warmup_steps = 0  # the first step has the full learning rate
@@ -31,7 +31,7 @@ def albef_config(**updates):
 
 @pytest.fixture(scope="module")
 def batch():
-    config = albef_config()
+    config = albef_config("tcl")  # albef's batch plus the second view
     objective = build_experiment(config).objective
     select = objective.train_example_transform(SelectCaption("both", 0))
     ds = make_train_dataset(make_source("shapes", "train", 32), select,
@@ -39,8 +39,8 @@ def batch():
     return next(iter(ds))
 
 
-def run_step(mesh_shape, num_devices, batch, initial=None):
-    exp = build_experiment(albef_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices}))
+def run_step(mesh_shape, num_devices, batch, initial=None, objective="albef"):
+    exp = build_experiment(albef_config(objective, **{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices}))
     objective = exp.objective
     with exp.context():
         state = exp.init_state()
@@ -67,6 +67,11 @@ def single(batch):
     return run_step((1, 1, 1), 1, batch)
 
 
+@pytest.fixture(scope="module")
+def single_tcl(batch):
+    return run_step((1, 1, 1), 1, batch, objective="tcl")
+
+
 def test_batch_carries_mlm_masks(batch):
     labels, text = batch["mlm_labels"], batch["text"]
     chosen = labels != IGNORE_LABEL
@@ -82,6 +87,24 @@ def test_sharded_step_equals_single_device(batch, single):
     assert_trees_close(sharded["extra"], single["extra"], rtol=1e-5, zero_floor=1e-3)
     m = single["metrics"]
     assert 0.0 < m["loss_itm"] < 1.5 and m["loss_mlm"] > 1.0 and float(m["alpha"]) == pytest.approx(0.4)
+
+
+def test_tcl_sharded_step_equals_single_device(batch, single_tcl):
+    sharded = run_step((2, 4, 1), -1, batch, single_tcl["start"], objective="tcl")
+    assert abs(sharded["loss"] - single_tcl["loss"]) <= 1e-5 * abs(single_tcl["loss"])
+    assert_trees_close(sharded["grads"], single_tcl["grads"], rtol=1e-5, zero_floor=1e-3)
+    assert_trees_close(sharded["extra"], single_tcl["extra"], rtol=1e-5, zero_floor=1e-3)
+    m = single_tcl["metrics"]
+    ita = (2 * m["loss_itc"] + m["loss_i2i"] + m["loss_t2t"] + m["loss_lmi_image"] + m["loss_lmi_text"]) / 6
+    np.testing.assert_allclose(m["loss_ita"], ita, rtol=1e-6)
+    np.testing.assert_allclose(single_tcl["loss"], ita + m["loss_itm"] + m["loss_mlm"], rtol=1e-5)
+
+
+def test_tcl_second_view_keeps_geometry_and_differs(batch):
+    view, image = batch["image_aug"], batch["image"]
+    assert view.shape == image.shape and not np.allclose(view, image)
+    # photometric only: the two views stay strongly correlated pixel by pixel
+    assert np.corrcoef(view.reshape(-1), image.reshape(-1))[0, 1] > 0.8
 
 
 def test_step_enqueues_momentum_features_and_moves_the_pointer(single):

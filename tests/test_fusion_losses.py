@@ -185,3 +185,45 @@ def test_enqueue_is_fifo():
     assert int(ptr) == 2
     with pytest.raises(ValueError, match="not divisible by the global batch 4"):
         fusion.enqueue(queue, ptr, jnp.zeros((4, 2)))
+
+
+# ---------------------------------------------------------------- TCL local mutual information
+
+
+def np_lmi(g, locals_, valid, temp):
+    b, k = valid.shape
+    terms = []
+    for i in range(b):
+        negs = [g[i] @ locals_[j, kk] / temp for j in range(b) if j != i for kk in range(k) if valid[j, kk]]
+        for kk in range(k):
+            if valid[i, kk]:
+                pos = g[i] @ locals_[i, kk] / temp
+                terms.append(-pos + np.log(np.exp(pos) + np.exp(negs).sum()))
+    return np.mean(terms)
+
+
+def test_lmi_matches_numpy_and_ignores_added_padding():
+    rng = np.random.default_rng(0)
+    g, locals_ = unit(rng.normal(size=(4, 8))), unit(rng.normal(size=(4, 5, 8)))
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    got = fusion.local_mutual_information_loss(jnp.float32(g), jnp.float32(locals_), valid, 0.2)
+    np.testing.assert_allclose(got, np_lmi(g, locals_, valid, 0.2), rtol=1e-5)
+    # three more pad positions, holding garbage features: the loss is unchanged
+    padded = np.concatenate([locals_, unit(rng.normal(size=(4, 3, 8)))], axis=1)
+    more = np.concatenate([valid, np.zeros((4, 3), bool)], axis=1)
+    np.testing.assert_allclose(fusion.local_mutual_information_loss(jnp.float32(g), jnp.float32(padded), more, 0.2),
+                               got, rtol=1e-6)
+
+
+def test_lmi_at_init_is_ln_one_plus_negatives():
+    rng = np.random.default_rng(1)
+    g, locals_ = unit(rng.normal(size=(8, 512))), unit(rng.normal(size=(8, 16, 512)))
+    got = fusion.local_mutual_information_loss(jnp.float32(g), jnp.float32(locals_), np.ones((8, 16), bool), 1.0)
+    np.testing.assert_allclose(got, np.log(1 + 7 * 16), rtol=2e-3)
+
+
+def test_avg_pool_locals_pools_row_major_blocks():
+    x = np.arange(2 * 16 * 1, dtype=np.float32).reshape(2, 16, 1)  # 4x4 grid
+    got = np.asarray(fusion.avg_pool_locals(jnp.asarray(x), 4, 2))
+    np.testing.assert_allclose(got[0, :, 0], [np.mean([0, 1, 4, 5]), np.mean([2, 3, 6, 7]), np.mean([8, 9, 12, 13]),
+                                              np.mean([10, 11, 14, 15])])

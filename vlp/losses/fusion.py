@@ -121,3 +121,31 @@ def enqueue(queue: jax.Array, ptr: jax.Array, features: jax.Array) -> tuple[jax.
     queue = jax.lax.dynamic_update_slice(queue, jax.lax.stop_gradient(features).astype(queue.dtype),
                                          (ptr, jnp.zeros_like(ptr)))
     return queue, ((ptr + batch) % size).astype(jnp.int32)
+
+
+def local_mutual_information_loss(global_emb: jax.Array, local_emb: jax.Array, valid: jax.Array,
+                                  temp: jax.Array, groups: int = 1) -> jax.Array:
+    """TCL's local MI term (InfoNCE of a global embedding against locals): global_emb [B, E], local_emb [B, K, E],
+    valid [B, K] (False: padding, which neither counts as a positive nor as a negative).
+
+    For each valid local k of row i: -log e^{g_i.l_ik/t} / (e^{g_i.l_ik/t} + sum_{j != i in i's group, k' valid}
+    e^{g_i.l_jk'/t}); the mean over the valid locals of the batch. At random init ~ ln(1 + (B/groups - 1) K).
+    """
+    batch, k = local_emb.shape[:2]
+    scores = jnp.einsum("be,cke->bck", global_emb.astype(jnp.float32), local_emb.astype(jnp.float32)) / temp
+    positive = jnp.einsum("bbk->bk", scores)  # g_i . l_ik
+    others = same_group(batch, batch, groups) & ~jnp.eye(batch, dtype=bool)
+    negatives = others[:, :, None] & valid[None, :, :]  # [B, B, K]: row i, local (j, k')
+    neg_lse = jax.nn.logsumexp(jnp.where(negatives, scores, -jnp.inf).reshape(batch, -1), axis=-1)
+    per_local = jnp.logaddexp(positive, neg_lse[:, None]) - positive
+    valid = valid.astype(jnp.float32)
+    return jnp.sum(per_local * valid) / jnp.maximum(valid.sum(), 1.0)
+
+
+def avg_pool_locals(tokens: jax.Array, grid: int, out: int) -> jax.Array:
+    """Patch locals [B, grid * grid, E] (row-major) average-pooled to [B, out * out, E] (TCL: 16 x 16 -> 4 x 4)."""
+    if grid % out:
+        raise ValueError(f"a {grid}x{grid} patch grid does not pool evenly to {out}x{out}; use a divisor of {grid}")
+    b, _, e = tokens.shape
+    f = grid // out
+    return tokens.reshape(b, out, f, out, f, e).mean(axis=(2, 4)).reshape(b, out * out, e)
