@@ -140,3 +140,27 @@ def test_ema_extremes(single, momentum):
 def test_config_errors(updates, message):
     with pytest.raises(ValueError, match=message):
         build_experiment(albef_config(**updates))
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
+    """Killed after step 2, the run restored from that checkpoint gives the very same losses at steps 3 and 4: the
+    momentum model, the queues and their pointer, and the per-visit MLM masks all come back."""
+    import shutil
+
+    from vlp.train.metrics import read_jsonl
+    from vlp.train.trainer import train_and_evaluate
+
+    config = albef_config(total_steps=4, batch_size=8, checkpoint_every=2, log_every=1, eval_every=1000,
+                          async_checkpointing=False, **{"data.read_threads": 1, "albef.queue_size": 16})
+    with config.unlocked():
+        config.evals = {}
+
+    def losses(workdir):
+        return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r}
+
+    train_and_evaluate(config, tmp_path / "full")
+    full = losses(tmp_path / "full")
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "2", tmp_path / "resumed" / "checkpoints" / "2")
+    assert train_and_evaluate(config, tmp_path / "resumed")["resumed_from_step"] == 2
+    resumed = losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in (3, 4)), (resumed, full)
