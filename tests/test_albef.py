@@ -1,5 +1,6 @@
-"""ALBEF and TCL: one train step on a 2x4x1 mesh equals one device (loss, every gradient leaf, momentum model and
-queues after the step), the EMA extremes (m = 1 keeps the momentum model, m = 0 copies), the queue's FIFO enqueue of
+"""ALBEF and TCL: one TCL train step on a 2x4x1 mesh equals one device (loss, every gradient leaf, momentum model and
+queues after the step; TCL's loss runs ALBEF's whole forward, so one compiled pair covers both within the suite's
+time budget), ALBEF's resume exactness, the EMA extremes (m = 1 keeps the momentum model, m = 0 copies), the queue's FIFO enqueue of
 the step's momentum features, TCL's second view, and config errors."""
 
 import jax
@@ -63,11 +64,6 @@ def run_step(mesh_shape, num_devices, batch, initial=None, objective="albef"):
 
 
 @pytest.fixture(scope="module")
-def single(batch):
-    return run_step((1, 1, 1), 1, batch)
-
-
-@pytest.fixture(scope="module")
 def single_tcl(batch):
     return run_step((1, 1, 1), 1, batch, objective="tcl")
 
@@ -79,16 +75,6 @@ def test_batch_carries_mlm_masks(batch):
     assert (batch["mlm_text"][~chosen] == text[~chosen]).all()
 
 
-def test_sharded_step_equals_single_device(batch, single):
-    sharded = run_step((2, 4, 1), -1, batch, single["start"])
-    assert abs(sharded["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"])
-    assert_trees_close(sharded["grads"], single["grads"], rtol=1e-5, zero_floor=1e-3)
-    # the extra state after the step: EMA towards the moved params, queues with the step's momentum features
-    assert_trees_close(sharded["extra"], single["extra"], rtol=1e-5, zero_floor=1e-3)
-    m = single["metrics"]
-    assert 0.0 < m["loss_itm"] < 1.5 and m["loss_mlm"] > 1.0 and float(m["alpha"]) == pytest.approx(0.4)
-
-
 def test_tcl_sharded_step_equals_single_device(batch, single_tcl):
     sharded = run_step((2, 4, 1), -1, batch, single_tcl["start"], objective="tcl")
     assert abs(sharded["loss"] - single_tcl["loss"]) <= 1e-5 * abs(single_tcl["loss"])
@@ -98,6 +84,7 @@ def test_tcl_sharded_step_equals_single_device(batch, single_tcl):
     ita = (2 * m["loss_itc"] + m["loss_i2i"] + m["loss_t2t"] + m["loss_lmi_image"] + m["loss_lmi_text"]) / 6
     np.testing.assert_allclose(m["loss_ita"], ita, rtol=1e-6)
     np.testing.assert_allclose(single_tcl["loss"], ita + m["loss_itm"] + m["loss_mlm"], rtol=1e-5)
+    assert 0.0 < m["loss_itm"] < 1.5 and m["loss_mlm"] > 1.0 and float(m["alpha"]) == pytest.approx(0.4)
 
 
 def test_tcl_second_view_keeps_geometry_and_differs(batch):
@@ -107,8 +94,8 @@ def test_tcl_second_view_keeps_geometry_and_differs(batch):
     assert np.corrcoef(view.reshape(-1), image.reshape(-1))[0, 1] > 0.8
 
 
-def test_step_enqueues_momentum_features_and_moves_the_pointer(single):
-    before, after = single["start"][1], single["extra"]
+def test_step_enqueues_momentum_features_and_moves_the_pointer(single_tcl):
+    before, after = single_tcl["start"][1], single_tcl["extra"]
     assert int(before["queue_ptr"]) == 0 and int(after["queue_ptr"]) == 16
     # rows 0..15 are the step's (unit-norm) momentum features, the rest is the untouched initial queue
     for name in ("image_queue", "text_queue"):
@@ -118,11 +105,11 @@ def test_step_enqueues_momentum_features_and_moves_the_pointer(single):
 
 
 @pytest.mark.parametrize("momentum", [1.0, 0.0])
-def test_ema_extremes(single, momentum):
-    objective = single["objective"]
+def test_ema_extremes(single_tcl, momentum):
+    objective = single_tcl["objective"]
     objective.block = objective.block.copy_and_resolve_references()
     objective.block.momentum = momentum
-    extra, params = single["start"][1], single["params"]
+    extra, params = single_tcl["start"][1], single_tcl["params"]
     aux = {"image_feat_m": np.zeros((16, 32), np.float32), "text_feat_m": np.zeros((16, 32), np.float32)}
     new = jax.device_get(objective.update_extra(extra, params, aux, np.int32(0)))
     want = extra["momentum"] if momentum == 1.0 else {k: params[k] for k in extra["momentum"]}
@@ -164,3 +151,14 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
     assert train_and_evaluate(config, tmp_path / "resumed")["resumed_from_step"] == 2
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in (3, 4)), (resumed, full)
+
+
+@pytest.mark.parametrize("spec", ["albef.py:B/16", "tcl.py:B/16"])
+def test_cluster_variants_build(spec):
+    """ViT-B/16 + BERT-base (6 text + 6 fusion layers); the queues are 2 x 65,536 x 256 replicated floats."""
+    exp = build_experiment(vlp_config.load_config_file(str(REPO / "configs" / spec)))  # abstract only
+    count = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
+    assert count > 1.6e8, (spec, count)
+    extra = exp.abstract_state.extra
+    assert extra["image_queue"].shape == extra["text_queue"].shape == (65_536, 256)
+    assert exp.state_shardings.extra["image_queue"].spec == jax.sharding.PartitionSpec(None, None)
