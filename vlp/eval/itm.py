@@ -43,12 +43,10 @@ class RetrievalItmEvaluator(RetrievalEvaluator):
     @classmethod
     def build(cls, encoders: Encoders, *, name: str, data_source: str, split: str, image_size: int,
               num_examples: int, caption: str = "synthetic", k: int = 16, **unused) -> "RetrievalItmEvaluator":
-        base = RetrievalEvaluator.build(encoders, name=name, data_source=data_source, split=split,
-                                        image_size=image_size, num_examples=num_examples, caption=caption)
-        captions = [[c] for c in base.captions]  # one caption per image for the built sets
-        evaluator = cls(encoders, base.images, captions, name=name, k=k)
-        evaluator.captions, evaluator.text_image, evaluator.tokens = base.captions, base.text_image, base.tokens
-        return evaluator
+        eval_set = pipeline.load_eval_set(sources.make_source(data_source, split, image_size), num_examples)
+        if caption not in eval_set.captions:
+            raise ValueError(f"evals.{name}.caption={caption!r}; valid: {sorted(eval_set.captions)}")
+        return cls(encoders, eval_set.images, eval_set.captions[caption], name=name, k=k)
 
     def _pair_scores(self, params: Params, image_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
         out = []
