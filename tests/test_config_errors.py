@@ -72,8 +72,8 @@ BAD_CONFIGS = {
         r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used; valid shapes multiply to 8"),
     "more_devices_than_exist": (
         {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
-    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'cappa', 'clip', 'coca', "
-                                                     r"'eva', 'mae', 'siglip', 'simmim', 'tips'\]"),
+    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['albef', 'align', 'cappa', 'clip', "
+                                                  r"'coca', 'eva', 'mae', 'siglip', 'simmim', 'tcl', 'tips'\]"),
     "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
     "model_size_patch_does_not_divide_image": (
         {"model.image.variant": "B/17"},
@@ -98,7 +98,8 @@ BAD_CONFIGS = {
     "empty_bad_record_window": ({"data.bad_record_window": "0"}, r"data.bad_record_window=0 must be >= 1"),
     "unknown_eval_type": (
         {"evals.zeroshot.type": "zeroshoot"},
-        r"evals.zeroshot.type='zeroshoot'; valid: \['captioning', 'dense', 'knn', 'linear_probe', 'retrieval', 'zeroshot'\]"),
+        r"evals.zeroshot.type='zeroshoot'; valid: \['captioning', 'dense', 'itm', 'knn', 'linear_probe', 'retrieval', "
+        r"'retrieval_itm', 'zeroshot'\]"),
     "unknown_mask_kind": ({"mim.mask_kind": "grid"}, r"mim.mask_kind='grid'; valid: \('block', 'random'\)"),
     "mask_ratio_out_of_range": ({"mim.mask_ratio": "1.0"}, r"mim.mask_ratio=1.0 must be in \[0, 1\)"),
     "unknown_eval_split": (

@@ -446,7 +446,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         objective = get_objective(config.objective)
         needs = {"zeroshot": "encode_text", "retrieval": "encode_text", "linear_probe": "encode_image",
                  "knn": "encode_image", "dense": "encode_patches",
-                 "captioning": "caption_tokens"}.get(ev.type)
+                 "captioning": "caption_tokens", "retrieval_itm": "itm_scores", "itm": "itm_scores"}.get(ev.type)
         _check(needs is None or hasattr(objective, needs),
                f"evals.{name}.type={ev.type!r} needs an objective with {needs}; objective={config.objective!r} has "
                f"none (image-only objectives are evaluated with type='dense'; remove evals.{name})")

@@ -4,7 +4,8 @@ Imported weights must see the tokens they were trained on, so the file's own nor
 post-processor (CLIP: <|startoftext|> ... <|endoftext|>) run unchanged. `encode` keeps vlp's layout: the encoded
 ids truncated so that the end-of-text id stays last, then padding. Special ids come from the file: eos is the
 first of `EOS_TOKENS` in its vocabulary; pad is its padding token, else the first of `PAD_TOKENS`, else eos (as
-OpenAI CLIP pads). The `tokenizers` library is imported lazily (pip install 'vlp[interop]').
+OpenAI CLIP pads); begin is the first of `BOS_TOKENS`, if any; the MLM mask id is the file's mask token (`MASK_TOKENS`),
+else vocab_size (one past the vocabulary, as vlp.data.tokenizer). The `tokenizers` library is imported lazily (pip install 'vlp[interop]').
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
 PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>")
+BOS_TOKENS = ("<|startoftext|>", "<s>", "[CLS]", "<bos>")
+MASK_TOKENS = ("[MASK]", "<mask>", "<|mask|>")
 
 
 def _tokenizers() -> Any:
@@ -50,6 +53,13 @@ class HFTokenizer:
         pad = padding.get("pad_token") or next((t for t in PAD_TOKENS if t in vocab), eos)
         self.pad_id: int = vocab.get(pad, self.eos_id)
         self.unk_id: int | None = None
+        bos = next((t for t in BOS_TOKENS if t in vocab), None)
+        self.bos_id: int | None = None if bos is None else vocab[bos]
+        mask = next((t for t in MASK_TOKENS if t in vocab), None)
+        self.mask_id: int = self.vocab_size if mask is None else vocab[mask]
+        # Never MLM-masked (vlp.data.mlm): padding, end and begin of text.
+        self.special_ids: tuple[int, ...] = tuple(sorted({self.pad_id, self.eos_id}
+                                                         | ({self.bos_id} if bos is not None else set())))
 
     def _backend(self) -> Any:
         if self._tok is None:

@@ -3,7 +3,9 @@
 Conventions every vlp tokenizer follows (``train_sentencepiece`` sets them; ``Tokenizer`` checks them):
 pad = 0, unk = 1, no bos, eos = vocab_size - 1 (the highest id, so Hugging Face CLIP exports, which pool the text
 tower at the argmax id, pool at the first eos). ``encode`` returns pieces, truncated to ``max_len - 1``, then one
-eos, then pad.
+eos, then pad. The masked-language-modelling id ``mask_id`` = vocab_size lies outside the vocabulary: encode never
+returns it, the tokenizer file and the exported towers (which never see masked text) stay as they are, and only
+models trained with MLM (vlp.data.mlm) widen their embedding table by one row for it.
 
 The bundled model (``assets/shapes_sp.model``) is a BPE model with 384 pieces trained on captions of the shapes
 dataset, in which every caption word is a single piece (unseen words fall back to sub-words and characters). Its
@@ -55,6 +57,9 @@ class Tokenizer:
         self.pad_id: int = sp.pad_id()
         self.unk_id: int = sp.unk_id()
         self.eos_id: int = sp.eos_id()
+        # One past the vocabulary (see the module doc); special_ids are never MLM-masked.
+        self.mask_id: int = self.vocab_size
+        self.special_ids: tuple[int, ...] = (self.pad_id, self.eos_id)
         if self.pad_id != PAD_ID or self.eos_id != self.vocab_size - 1:
             raise ValueError(
                 f"tokenizer {self.model_path} has pad_id={self.pad_id}, eos_id={self.eos_id}, vocab_size="

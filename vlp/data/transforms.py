@@ -26,6 +26,8 @@ SKIPPED_KEY = "skipped_records"
 VISIT_KEY = "visit"
 
 CAPTION_CHOICES = ("noisy", "synthetic", "both")
+# Per-example fields that example transforms draw and the batch transform passes through unchanged.
+PASS_THROUGH_KEYS = ("mim_mask", "mlm_text", "mlm_labels")
 _MASK64 = (1 << 64) - 1
 
 
@@ -150,7 +152,8 @@ class AddPatchMask(grain.transforms.Map):
 class TokenizeBatch(grain.transforms.Map):
     """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}.
 
-    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS) and passes "mim_mask" through."""
+    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS), normalises further `image_<view>` fields (a
+    second augmented view) and passes the per-example draws of `PASS_THROUGH_KEYS` (MIM and MLM masks) through."""
 
     tokenizer: Tokenizer
     max_text_len: int
@@ -161,8 +164,10 @@ class TokenizeBatch(grain.transforms.Map):
             if key == "caption" or key.startswith("caption_"):
                 out["text" + key[len("caption"):]] = self.tokenizer.encode([str(c) for c in batch[key]],
                                                                           self.max_text_len)
-        if "mim_mask" in batch:
-            out["mim_mask"] = batch["mim_mask"]
+            elif key.startswith("image_"):
+                out[key] = normalize_image(batch[key])
+            elif key in PASS_THROUGH_KEYS:
+                out[key] = batch[key]
         if SKIPPED_KEY in batch:
             out[SKIPPED_KEY] = batch[SKIPPED_KEY]
         return out

@@ -10,11 +10,14 @@ has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tool
 - `knn`: weighted kNN on frozen image embeddings (`ks`, `temperature`, `train_split`, `num_train`).
 - `dense`: a linear segmentation probe on frozen patch tokens (shapes masks), `dense_miou`.
 - `captioning`: CIDEr, BLEU-4 and exact match of generated captions (coca, cappa; `method`, `beams`, ...).
+- `retrieval_itm`: retrieval re-ranked by an ITM head (albef, tcl; `k` candidates), beside contrastive-only.
+- `itm`: ITM accuracy on held-out positive and negative pairs.
 """
 
 from vlp.eval.captioning import CaptioningEvaluator
 
 from vlp.eval.dense import DenseEvaluator
+from vlp.eval.itm import ItmEvaluator, RetrievalItmEvaluator
 from vlp.eval.knn import KnnEvaluator
 from vlp.eval.linear_probe import LinearProbeEvaluator
 from vlp.eval.retrieval import RetrievalEvaluator
@@ -22,4 +25,4 @@ from vlp.eval.zero_shot import ZeroShotEvaluator
 
 EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "knn": KnnEvaluator, "dense": DenseEvaluator,
-              "captioning": CaptioningEvaluator}
+              "captioning": CaptioningEvaluator, "retrieval_itm": RetrievalItmEvaluator, "itm": ItmEvaluator}

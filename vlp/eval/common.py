@@ -22,6 +22,8 @@ class Encoders:
     encode_patches: Callable[[Params, np.ndarray], np.ndarray] | None = None
     # caption(params, images, **decode options) -> one string per image (captioning objectives only).
     caption: Callable[..., list[str]] | None = None
+    # itm_score(params, images [P, H, W, 3], tokens [P, L]) -> [P] matched-minus-unmatched logit (ITM objectives).
+    itm_score: Callable[[Params, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

@@ -54,7 +54,26 @@ def make_encoders(objective: Any, mesh: Mesh, batch_size: int, image_output: int
             captioners[key] = batched("caption_tokens", **options)
         return [objective.tokenizer.decode(row) for row in captioners[key](params, images)]
 
+    itm = getattr(objective, "itm_scores", None)
+    itm_jitted = jax.jit(itm) if itm is not None else None
+
+    def itm_score(params: Any, images: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """ITM scores of pairs (images[i], tokens[i]) in fixed-size sharded chunks (one compilation)."""
+        size = -(-batch_size // batch_shard_count(mesh)) * batch_shard_count(mesh)
+        outputs = []
+        for start in range(0, len(images), size):
+            chunk_i, chunk_t = images[start:start + size], tokens[start:start + size]
+            valid = len(chunk_i)
+            pad = size - valid
+            chunk_i = np.concatenate([chunk_i, np.zeros((pad, *chunk_i.shape[1:]), chunk_i.dtype)])
+            chunk_t = np.concatenate([chunk_t, np.zeros((pad, *chunk_t.shape[1:]), chunk_t.dtype)])
+            out = itm_jitted(params, jax.device_put(chunk_i, batch_sharding(mesh, chunk_i.ndim)),
+                             jax.device_put(chunk_t, batch_sharding(mesh, chunk_t.ndim)))
+            outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:valid])
+        return np.concatenate(outputs)
+
     return Encoders(
+        itm_score=itm_score if itm is not None else None,
         encode_image=batched("encode_image", **({"output": image_output} if image_output else {})),
         encode_text=batched("encode_text"),
         tokenize=lambda texts: objective.tokenizer.encode(texts, max_len),

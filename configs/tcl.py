@@ -1,0 +1,56 @@
+"""TCL (Yang et al., 2022): ALBEF + intra-modal contrast (second view to the momentum encoder) + local MI.
+
+Variants: `tiny` (CPU minutes on the embedded shapes dataset, beside configs/clip.py:tiny) and `B/16` (the cluster
+recipe of TCL (uta-smile/TCL@74a3e4f configs/Pretrain.yaml, built on ALBEF's; methods.md sections 10 and 12):
+ViT-B/16 at 256 px, BERT-base split 6 text + 6 fusion layers, embed 256, queue 65,536, m 0.995, alpha 0.4 ramped over the first epoch,
+batch 64 x 8 = 512, AdamW lr 1e-4, wd 0.02, cosine to 1e-5 (lr_min_ratio 0.1) after a warmup, 30 epochs; the
+paper inits ViT from DeiT and BERT from bert-base: pass `init_from` for that). It needs a real data source and a
+BERT-size tokenizer.
+TCL's second view is an RRC + RandAugment crop; vlp's is photometric (vlp.data.views: shapes captions name
+positions). Local MI pools the patch grid to 4x4 (`tcl.lmi_grid`; tiny: its 4x4 grid as it is).
+Usage: `--config=configs/tcl.py:tiny`.
+"""
+
+from vlp import config as vlp_config
+
+VARIANTS = ("tiny", "B/16")
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
+    c = vlp_config.base_config()
+    c.objective = "tcl"
+    if variant == "tiny":
+        # configs/clip.py:tiny's data, image tower and schedule; the text side is 1 text-only + 1 fusion layer.
+        c.total_steps = 1600
+        c.batch_size = 128
+        c.data.image_size = 32
+        c.data.max_text_len = 12
+        c.data.read_threads = 1
+        c.data.synthetic_caption_prob = 0.75
+        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+        c.model.text.update(width=96, depth=2, mlp_dim=384, num_heads=4)
+        c.model.embed_dim = 96
+        c.tcl.update(fusion_layer=1, queue_size=1024, alpha_ramp_steps=400)
+        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
+        c.evals.retrieval_itm = dict(type="retrieval_itm", split="validation", num_examples=500, batch_size=250,
+                                     caption="synthetic", k=16)
+        c.evals.itm = dict(type="itm", split="validation", num_examples=500, batch_size=250, caption="synthetic")
+    else:
+        c.total_steps = 230_000  # 30 epochs of 4M pairs at batch 512
+        c.batch_size = 512
+        c.data.image_size = 256
+        c.data.max_text_len = 30
+        c.data.worker_count = 8
+        c.model.image.variant = "B/16"
+        c.model.text.update(width=768, depth=12, mlp_dim=3072, num_heads=12)
+        c.model.embed_dim = 256
+        c.tcl.update(fusion_layer=6, queue_size=65_536, momentum=0.995, alpha=0.4, alpha_ramp_steps=7_800)
+        c.optim.update(lr=1e-4, warmup_steps=1000, weight_decay=0.02, min_lr_ratio=0.1)
+        c.mesh.shape = (-1, 1, 1)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
+        c.evals.retrieval_itm = dict(type="retrieval_itm", split="validation", num_examples=5000, batch_size=256,
+                                     caption="all", k=128)
+    vlp_config.apply_overrides(c, overrides)
+    return c
