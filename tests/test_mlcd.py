@@ -106,7 +106,7 @@ def mlcd_config(labels_path, **updates):
 def labels_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("clusters") / "labels.npy"
     labels = np.stack([np.random.default_rng(i).choice(32, 4, replace=False) for i in range(50)])
-    write_cluster_labels(str(path), labels, {"num_centres": 32})
+    write_cluster_labels(str(path), labels, {"num_centres": 32, "source": "shapes", "split": "test"})
     return path, labels
 
 

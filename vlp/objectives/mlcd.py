@@ -70,6 +70,11 @@ class MlcdObjective(Objective):
         _check(meta["num_centres"] == self.config.mlcd.num_centres,
                f"mlcd.num_centres={self.config.mlcd.num_centres} but {self.config.mlcd.labels_path} was clustered "
                f"into {meta['num_centres']} centres; set mlcd.num_centres={meta['num_centres']}")
+        data = self.config.data
+        _check((meta.get("source"), meta.get("split")) == (data.source, data.train_split),
+               f"{self.config.mlcd.labels_path} labels split {meta.get('split')!r} of {meta.get('source')!r}, but "
+               f"the run trains on split data.train_split={data.train_split!r} of data.source={data.source!r}; "
+               f"train on the clustered split or re-run tools/cluster.py on this one")
         return AddClusterLabels(default, self.config.mlcd.labels_path, self.config.mlcd.positives)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
