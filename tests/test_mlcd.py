@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from test_benchmarks import run_json_lines
 
 from vlp import config as vlp_config
 from vlp.data.cluster_labels import LABELS_KEY, AddClusterLabels, write_cluster_labels
@@ -75,6 +76,15 @@ def test_sampled_loss_matches_numpy_on_its_sample_and_unsampled_centres_get_no_g
     touched = np.abs(np.asarray(grads)).sum(1) > 0
     assert set(np.flatnonzero(touched)) == set(kept) | set(positives.ravel())
     assert touched.sum() < 64 and count == 16
+
+
+def test_a_shard_keeps_its_own_positives_and_ignores_other_shards_ids():
+    from vlp.losses.cluster_discrimination import _sample
+
+    scores = jnp.asarray([0.9, 0.0, 0.5, 0.1, 0.2, 0.3, 0.4, 0.6])  # centres 8..15 of shard 1
+    # id 9 (local 1) is a positive here; id 1 and 3 belong to shard 0 (local -7 and -5 must not wrap to 1 or 3).
+    kept = _sample(scores, jnp.asarray([[9, 1], [3, 1]]), jnp.int32(8), 3)
+    assert sorted(np.asarray(kept).tolist()) == [0, 1, 7]
 
 
 def test_sharded_loss_and_gradients_equal_one_device():
@@ -190,3 +200,11 @@ def test_cluster_variant_builds_with_sharded_1m_centres():
     config.mlcd.labels_path = "unused.npy"
     exp = build_experiment(config)  # abstract shapes and shardings only
     assert exp.abstract_state.params["centres"].shape == (1_000_000, 512)
+
+
+def test_memory_and_kmeans_benchmark_runs_one_step():
+    memory, kmeans = run_json_lines("mlcd.py", "--centres=4096", "--dim=64", "--batch=64", "--kmeans_n=2000",
+                                    "--kmeans_k=64", "--kmeans_dim=32", "--iterations=1")
+    assert memory["centres_mib_per_device"] == round(4096 * 64 * 4 / 8 / 2**20, 1)
+    assert memory["loss_step_temp_mib_per_device"] > 0 and memory["loss_step_output_mib_per_device"] > 0
+    assert kmeans["pass_embeddings_per_second"] > 0 and kmeans["top10_assign_embeddings_per_second"] > 0

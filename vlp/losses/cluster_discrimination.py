@@ -44,7 +44,9 @@ def _sample(scores: jax.Array, positives: jax.Array, offset: jax.Array, count: i
     falls in [offset, offset + K_local), then the highest random `scores` [K_local] in [0, 1). If the shard holds
     more positives than `count`, some positives are dropped (PartialFC keeps them all, at a dynamic size)."""
     local = positives.reshape(-1) - offset
-    boost = jnp.zeros_like(scores).at[local].set(2.0, mode="drop")  # out-of-shard ids fall outside and drop
+    # Ids of other shards go to index K_local, which mode="drop" drops (a negative index would wrap around).
+    local = jnp.where((local >= 0) & (local < scores.shape[0]), local, scores.shape[0])
+    boost = jnp.zeros_like(scores).at[local].set(2.0, mode="drop")
     if count == scores.shape[0]:
         return jnp.arange(count)
     return jax.lax.top_k(scores + boost, count)[1]
