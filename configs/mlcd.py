@@ -10,7 +10,7 @@ negatives subsampled PartialFC-style, the [K, D] centres sharded over fsdp (vlp/
 Paper values [paper; no training code released, the deepglint repo keeps only UNICOM's PartialFC_V2]: 1M centres
 from LAION-400M embeddings of an off-the-shelf CLIP, the k nearest centres as positives, negative sample ratio 0.1;
 s, m and k come from the paper's ablations [unverified here: s = 64, m = 0, k = 10 are UNICOM/PartialFC's customary
-values]. Variants: `tiny` (CPU, shapes: 64 centres clustered from a clip.py:tiny run, k = 3), `B/16` (224 px,
+values]. The B/16 optimizer and batch are vlp's CLIP B/16 recipe (configs/clip.py), not the paper's. Variants: `tiny` (CPU, shapes: 64 centres clustered from a clip.py:tiny run, k = 3), `B/16` (224 px,
 1M centres, FSDP over all devices). Evaluated by the linear probe and kNN (no text tower).
 Usage:
   python tools/cluster.py --workdir=runs/clip --split=test --num_centres=64 --positives=3 \
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
         c.model.image.variant = variant
         c.model.embed_dim = 512
         c.mlcd.update(num_centres=1_000_000, positives=10, scale=64.0, margin=0.0, sample_ratio=0.1)
-        c.optim.update(lr=1e-3, warmup_steps=2000, weight_decay=0.2)
+        c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2)
         c.mesh.shape = (1, -1, 1)  # FSDP over all devices; the centres split over the same axis
         c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
     vlp_config.apply_overrides(c, overrides)
