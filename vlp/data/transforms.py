@@ -26,8 +26,6 @@ SKIPPED_KEY = "skipped_records"
 VISIT_KEY = "visit"
 
 CAPTION_CHOICES = ("noisy", "synthetic", "both")
-# Per-example fields that example transforms draw and the batch transform passes through unchanged.
-PASS_THROUGH_KEYS = ("mim_mask", "mlm_text", "mlm_labels")
 _MASK64 = (1 << 64) - 1
 
 
@@ -153,7 +151,8 @@ class TokenizeBatch(grain.transforms.Map):
     """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}.
 
     Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS), normalises further `image_<view>` fields (a
-    second augmented view) and passes the per-example draws of `PASS_THROUGH_KEYS` (MIM and MLM masks) through."""
+    second augmented view) and passes every other field through (the per-example draws of objective transforms:
+    "mim_mask", MLM masks, "cluster_labels", ...; the per-example transforms choose which fields exist)."""
 
     tokenizer: Tokenizer
     max_text_len: int
@@ -166,8 +165,6 @@ class TokenizeBatch(grain.transforms.Map):
                                                                           self.max_text_len)
             elif key.startswith("image_"):
                 out[key] = normalize_image(batch[key])
-            elif key in PASS_THROUGH_KEYS:
+            elif key not in out:
                 out[key] = batch[key]
-        if SKIPPED_KEY in batch:
-            out[SKIPPED_KEY] = batch[SKIPPED_KEY]
         return out

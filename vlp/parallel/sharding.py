@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("channels", None),
     ("norm", None),
     ("layers", None),
+    ("classes", "fsdp"),  # rows of a large classifier (MLCD's 1M cluster centres)
 )
 
 
