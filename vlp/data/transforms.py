@@ -150,13 +150,17 @@ class AddPatchMask(grain.transforms.Map):
 class TokenizeBatch(grain.transforms.Map):
     """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}.
 
-    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS) and passes "mim_mask" through."""
+    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS), normalises `image_<kind>` fields (CleanCLIP's
+    augmented view) and passes "mim_mask" through."""
 
     tokenizer: Tokenizer
     max_text_len: int
 
     def map(self, batch: dict) -> dict:
         out = {"image": normalize_image(batch["image"]), "label": batch["label"]}
+        for key in batch:  # further views (CleanCLIP's `image_aug`)
+            if key.startswith("image_"):
+                out[key] = normalize_image(batch[key])
         for key in batch:
             if key == "caption" or key.startswith("caption_"):
                 out["text" + key[len("caption"):]] = self.tokenizer.encode([str(c) for c in batch[key]],

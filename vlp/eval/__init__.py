@@ -10,8 +10,10 @@ has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tool
 - `knn`: weighted kNN on frozen image embeddings (`ks`, `temperature`, `train_split`, `num_train`).
 - `dense`: a linear segmentation probe on frozen patch tokens (shapes masks), `dense_miou`.
 - `captioning`: CIDEr, BLEU-4 and exact match of generated captions (coca, cappa; `method`, `beams`, ...).
+- `attack_success`: backdoor attack success rate of triggered images (`target`, `trigger_size`, `corner`).
 """
 
+from vlp.eval.attack import AttackSuccessEvaluator
 from vlp.eval.captioning import CaptioningEvaluator
 
 from vlp.eval.dense import DenseEvaluator
@@ -22,4 +24,4 @@ from vlp.eval.zero_shot import ZeroShotEvaluator
 
 EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "knn": KnnEvaluator, "dense": DenseEvaluator,
-              "captioning": CaptioningEvaluator}
+              "captioning": CaptioningEvaluator, "attack_success": AttackSuccessEvaluator}
