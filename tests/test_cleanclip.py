@@ -185,3 +185,15 @@ def test_poisoned_captions_name_the_target():
     assert noisy == "purple star"
     assert synthetic == example["caption_synthetic"].replace(shapes.CLASS_NAMES[example["label"]], "purple star")
     assert "purple star" in synthetic and synthetic != example["caption_synthetic"]
+
+
+def test_training_batches_carry_both_views(setup):
+    from vlp.train.trainer import make_train_iterator
+
+    exp = setup[0]
+    batch = next(make_train_iterator(exp.config, exp.objective))
+    assert batch["image_aug"].shape == batch["image"].shape == (16, 32, 32, 3)
+    assert batch["image_aug"].dtype == np.float32 and -1.0 <= batch["image_aug"].min() < batch["image_aug"].max() <= 1.0
+    assert batch["text_aug"].shape == batch["text"].shape == (16, 12)
+    assert 0 < np.mean(np.any(batch["text_aug"] != batch["text"], axis=1)) < 1  # EDA changes most, not all captions
+    assert not np.array_equal(batch["image_aug"], batch["image"])
