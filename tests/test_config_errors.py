@@ -151,6 +151,11 @@ BAD_CONFIGS = {
         {"objective": "coca", "coca.caption_weight": "-1"}, r"coca.caption_weight=-1.0 must be >= 0"),
     "cappa_masked_pred_prob_above_one": (
         {"objective": "cappa", "cappa.masked_pred_prob": "1.5"}, r"cappa.masked_pred_prob=1.5 must be in \[0, 1\]"),
+    "cleanclip_negative_inmodal_weight": (
+        {"objective": "cleanclip", "cleanclip.inmodal_weight": "-1"}, r"cleanclip.inmodal_weight=-1.0 must be >= 0"),
+    "cleanclip_crop_scale_reversed": (
+        {"objective": "cleanclip", "cleanclip.crop_scale": "(0.9, 0.5)"},
+        r"cleanclip.crop_scale=\(0.9, 0.5\) must satisfy 0 < low <= high <= 1"),
 }
 
 
