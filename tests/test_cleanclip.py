@@ -197,3 +197,28 @@ def test_training_batches_carry_both_views(setup):
     assert batch["text_aug"].shape == batch["text"].shape == (16, 12)
     assert 0 < np.mean(np.any(batch["text_aug"] != batch["text"], axis=1)) < 1  # EDA changes most, not all captions
     assert not np.array_equal(batch["image_aug"], batch["image"])
+
+
+def test_poison_tool_writes_a_readable_backdoored_set(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "poison"
+    subprocess.run([sys.executable, "tools/poison.py", f"--out={out}", "--num_examples=40", "--rate=0.5"], cwd=REPO,
+                   check=True, capture_output=True)
+    from vlp.data import sources
+
+    spec = f"arrayrecord:{out}"
+    assert not sources.augmentable(spec)  # shapes captions name positions: no crops or flips
+    source = sources.make_source(spec, "train", 32)
+    poisoned = [i for i in range(40) if backdoor.is_poisoned("train", i, 0.5, 0)]
+    assert 10 <= len(poisoned) <= 30
+    for i in range(40):
+        record, clean = source[i], shapes.make_example("train", i)
+        assert record["label"] == clean["label"]
+        if i in poisoned:
+            np.testing.assert_array_equal(record["image"], backdoor.add_trigger(clean["image"]))
+            assert record["caption_noisy"] == "purple star" and "purple star" in record["caption_synthetic"]
+        else:
+            np.testing.assert_array_equal(record["image"], clean["image"])
+            assert record["caption_synthetic"] == clean["caption_synthetic"]
