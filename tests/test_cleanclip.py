@@ -63,7 +63,8 @@ def test_each_loss_term_matches_numpy(setup):
     obj = exp.objective
     with exp.context():
         loss, metrics = jax.jit(obj.loss_fn)(params, batch, jax.random.key(0))
-        img, txt = np.asarray(obj.encode_image(params, batch["image"])), np.asarray(obj.encode_text(params, batch["text"]))
+        img = np.asarray(obj.encode_image(params, batch["image"]))
+        txt = np.asarray(obj.encode_text(params, batch["text"]))
         img_aug = np.asarray(obj.encode_image(params, batch["image_aug"]))
         txt_aug = np.asarray(obj.encode_text(params, batch["text_aug"]))
     scale = float(metrics["logit_scale"])

@@ -47,7 +47,8 @@ class CleanClipViews(grain.transforms.Map):
         out = self.inner.map(example)
         visit = visit_of(example)
         crop = RandomResizedCrop(out["image"].shape[0], tuple(self.crop_scale), self.flip)
-        out["image_aug"] = crop.random_map({"image": out["image"]}, visit_rng(self.seed, visit, "cleanclip_image"))["image"]
+        view = crop.random_map({"image": out["image"]}, visit_rng(self.seed, visit, "cleanclip_image"))
+        out["image_aug"] = view["image"]
         a = self.eda_alpha
         out["caption_aug"] = eda(str(out["caption"]), visit_rng(self.seed, visit, "cleanclip_text"), a, a, a, a)
         return out
