@@ -63,10 +63,10 @@ def test_each_loss_term_matches_numpy(setup):
     obj = exp.objective
     with exp.context():
         loss, metrics = jax.jit(obj.loss_fn)(params, batch, jax.random.key(0))
-        img = np.asarray(obj.encode_image(params, batch["image"]))
-        txt = np.asarray(obj.encode_text(params, batch["text"]))
-        img_aug = np.asarray(obj.encode_image(params, batch["image_aug"]))
-        txt_aug = np.asarray(obj.encode_text(params, batch["text_aug"]))
+        encode_image, encode_text = jax.jit(obj.encode_image), jax.jit(obj.encode_text)
+        img, txt = np.asarray(encode_image(params, batch["image"])), np.asarray(encode_text(params, batch["text"]))
+        img_aug = np.asarray(encode_image(params, batch["image_aug"]))
+        txt_aug = np.asarray(encode_text(params, batch["text_aug"]))
     scale = float(metrics["logit_scale"])
     clip = 0.5 * (np_ce_rows(img, txt, scale) + np_ce_rows(txt, img, scale))
     inmodal_image, inmodal_text = np_ce_rows(img, img_aug, scale), np_ce_rows(txt, txt_aug, scale)
