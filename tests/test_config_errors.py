@@ -161,6 +161,11 @@ BAD_CONFIGS = {
         {"reference.path": "/nonexistent/teacher"}, r"reference.path='/nonexistent/teacher' is not a directory"),
     "shapes_class_range_out_of_bounds": (
         {"data.source": "shapes:classes=0-64"}, r"shapes:classes=0-64: the class range must lie in 0-63"),
+    "cleanclip_negative_inmodal_weight": (
+        {"objective": "cleanclip", "cleanclip.inmodal_weight": "-1"}, r"cleanclip.inmodal_weight=-1.0 must be >= 0"),
+    "cleanclip_crop_scale_reversed": (
+        {"objective": "cleanclip", "cleanclip.crop_scale": "(0.9, 0.5)"},
+        r"cleanclip.crop_scale=\(0.9, 0.5\) must satisfy 0 < low <= high <= 1"),
 }
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, (name, evaluator) in enumerate(evaluators.items()):
             print(f"[{i + 1}/{len(evaluators)}] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
                   flush=True)
-            results.update(evaluator.run(state.params))
+            results.update(evaluator.run(exp.objective.eval_params(state.params, state.extra)))
     split = args.split or "config"
     record = {"step": step, "split": split, **dict(sorted(results.items())),
               "eval_seconds": round(time.perf_counter() - start, 2)}

@@ -245,8 +245,12 @@ def has_synthetic_captions(spec: str, split: str = "train") -> bool:
 
 
 def augmentable(spec: str) -> bool:
-    """Whether random crops and flips keep captions true: not for shapes, whose captions name positions."""
-    return parse_spec(spec)[0] != "shapes"
+    """Whether random crops and flips keep captions true: not for shapes, whose captions name positions, nor for
+    shards whose manifest says `"augmentable": false` (tools/poison.py's shapes-derived sets)."""
+    kind, arg = parse_spec(spec)
+    if kind == "arrayrecord":
+        return bool(load_manifest(arg).get("augmentable", True))
+    return kind != "shapes"
 
 
 def class_names(spec: str) -> tuple[str, ...]:

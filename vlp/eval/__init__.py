@@ -12,8 +12,10 @@ has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tool
 - `captioning`: CIDEr, BLEU-4 and exact match of generated captions (coca, cappa; `method`, `beams`, ...).
 - `retrieval_itm`: retrieval re-ranked by an ITM head (albef, tcl; `k` candidates), beside contrastive-only.
 - `itm`: ITM accuracy on held-out positive and negative pairs.
+- `attack_success`: backdoor attack success rate of triggered images (`target`, `trigger_size`, `corner`).
 """
 
+from vlp.eval.attack import AttackSuccessEvaluator
 from vlp.eval.captioning import CaptioningEvaluator
 
 from vlp.eval.dense import DenseEvaluator
@@ -25,4 +27,5 @@ from vlp.eval.zero_shot import ZeroShotEvaluator
 
 EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "knn": KnnEvaluator, "dense": DenseEvaluator,
-              "captioning": CaptioningEvaluator, "retrieval_itm": RetrievalItmEvaluator, "itm": ItmEvaluator}
+              "captioning": CaptioningEvaluator, "retrieval_itm": RetrievalItmEvaluator, "itm": ItmEvaluator,
+              "attack_success": AttackSuccessEvaluator}

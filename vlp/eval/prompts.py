@@ -1,7 +1,8 @@
 """Class names and prompt templates for zero-shot classification, by bundled name or from a text file.
 
 Bundled (in vlp/eval/assets/): class names `imagenet1k`; templates `clip80` (the CLIP paper's 80 ImageNet
-templates), `clip7` (the 7 of CLIP's prompt-engineering notebook) and `siglip` ("This is a photo of {}.").
+templates), `clip7` (the 7 of CLIP's prompt-engineering notebook), `siglip` ("This is a photo of {}.") and `name`
+(the bare class name, for prompt learning's learned context).
 A file holds one entry per line; blank lines and lines starting with `#` are ignored; a template contains `{}`
 where the class name goes.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 BUNDLED_CLASS_NAMES = {"imagenet1k": "imagenet1k_classnames.txt"}
 BUNDLED_TEMPLATES = {"clip80": "templates_clip80.txt", "clip7": "templates_clip7.txt",
-                     "siglip": "templates_siglip.txt"}
+                     "siglip": "templates_siglip.txt", "name": "templates_name.txt"}
 
 
 def _read_lines(text: str) -> list[str]:

@@ -58,7 +58,9 @@ class TextTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, token_embeds: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """`token_embeds` [B, L, width] (optional) replace the table lookup of `tokens`, which then only place the
+        pooling and padding mask (prompt learning feeds learned context vectors this way)."""
         batch, length = tokens.shape
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds the tower's max_len {self.max_len}")
@@ -70,7 +72,8 @@ class TextTransformer(nn.Module):
         # Look up in a replicated copy of the table: gathering rows of an FSDP-sharded table into batch-sharded
         # activations makes XLA rematerialise the whole gradient; the all-gather here is what FSDP does anyway.
         table = layers.constrain(embed.embedding.astype(self.dtype), (None, None))
-        x = jnp.take(table, tokens, axis=0) + pos[:length].astype(self.dtype)[None]
+        x = jnp.take(table, tokens, axis=0) if token_embeds is None else token_embeds.astype(self.dtype)
+        x = x + pos[:length].astype(self.dtype)[None]
         mask = None
         if not self.causal and self.padding_mask:
             mask = (tokens != self.pad_id)[:, None, None, :]

@@ -86,8 +86,8 @@ class TwoTower(nn.Module):
         tokens = self.patch_tokens(images)
         return self.image_proj(tokens) if self.image_proj is not None else tokens
 
-    def encode_text(self, tokens: jax.Array) -> jax.Array:
-        pooled, _ = self.text_tower(tokens)
+    def encode_text(self, tokens: jax.Array, token_embeds: jax.Array | None = None) -> jax.Array:
+        pooled, _ = self.text_tower(tokens, token_embeds)
         if self.text_proj is not None:
             pooled = self.text_proj(pooled)
         return l2_normalize(pooled)

@@ -84,6 +84,12 @@ class Objective(abc.ABC):
         """The extra state after the optimizer step (`params` are the updated student params)."""
         return extra
 
+    def eval_params(self, params: Params, extra: Any) -> Params:
+        """What evaluators and encoders receive: the trained params, or (prompt learning, whose frozen CLIP is in the
+        extra state) both."""
+        del extra
+        return params
+
     # FLIP patch dropout. The trainer trains the steps before `patch_dropout_until_step` (None: every step) on
     # `add_step_inputs(batch, rng, patch_dropout=True)` and later steps (the final unmasked phase) on
     # `patch_dropout=False`; objectives that support it set the first two in __init__.

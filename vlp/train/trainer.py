@@ -322,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             if checkpointer.latest_step() != config.total_steps:
                 state = loop.save(config.total_steps, state, final=True)
             counters = {k: int(v) for k, v in jax.device_get(state.counters).items()}
-            results = evaluation.run_evaluators(evaluators, state.params)
+            results = evaluation.run_evaluators(evaluators, exp.objective.eval_params(state.params, state.extra))
             writer.write(config.total_steps, results)
     finally:  # also on errors: finish pending async saves, stop grain workers, flush metrics
         checkpointer.close()
@@ -465,7 +465,8 @@ class _Loop:
                 throughput.reset(step)
             if step % config.eval_every == 0 and step != config.total_steps:
                 with watchdog.paused(lambda: step):
-                    results = evaluation.run_evaluators(self.evaluators, state.params)
+                    results = evaluation.run_evaluators(
+                        self.evaluators, self.exp.objective.eval_params(state.params, state.extra))
                 self.writer.write(step, results)
                 say("eval " + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
                 throughput.reset(step)
