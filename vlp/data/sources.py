@@ -2,13 +2,15 @@
 
 A spec is one string (`data.source`, and each entry of `data.mixture`):
   `shapes`                         the embedded procedural dataset
+  `shapes:xor`                     its three-modality variant: image, keyed text, 1-D `signal` (data/shapes_xor.py)
   `arrayrecord:<dir or manifest>`  shards written by tools/make_shards.py (`<dir>/manifest.json`)
   `tfds:<name>[:<version>]`        a prepared TFDS dataset, read through `tfds.data_source` (no TensorFlow);
                                    `name` may hold a config (`coco_captions/2017`); data dir: $TFDS_DATA_DIR
 
 Every source yields dicts with `image` uint8 [H, W, 3] (at the source's decode size), `caption_noisy` (the main
 caption), `caption_synthetic` (the second caption, else the main one), `label` (int, -1 = unlabelled) and `index`;
-ArrayRecord records also carry `captions` (all captions of the image) and `key`.
+ArrayRecord records also carry `captions` (all captions of the image) and `key`. Extra modalities (more than
+image and text) are 1-D float32 arrays under `signal*` keys (`signal` for shapes:xor; `signal_<name>` from shards).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from etils import epath
 
 from vlp.data import records, shapes
 
-SPEC_FORMS = ("shapes", "arrayrecord:<dir or manifest.json>", "tfds:<name>[:<version>]")
+SPEC_FORMS = ("shapes", "shapes:xor", "arrayrecord:<dir or manifest.json>", "tfds:<name>[:<version>]")
 SOURCES = ("shapes", "arrayrecord", "tfds")
 # Zero-shot prompts for sources other than shapes (a short subset of CLIP's ImageNet templates).
 GENERIC_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
@@ -32,8 +34,8 @@ GENERIC_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {
 def parse_spec(spec: str) -> tuple[str, str]:
     """`"arrayrecord:/data/x"` -> ("arrayrecord", "/data/x"); a bad spec names the valid forms."""
     kind, sep, arg = str(spec).partition(":")
-    if kind == "shapes" and not sep:
-        return kind, ""
+    if kind == "shapes" and (not sep or arg == "xor"):
+        return kind, arg  # "xor": the three-modality variant (vlp.data.shapes_xor)
     if kind in ("arrayrecord", "tfds") and arg:
         return kind, arg
     raise ValueError(f"unknown data source {spec!r}; valid forms: {list(SPEC_FORMS)}")
@@ -191,6 +193,9 @@ def make_source(spec: str, split: str, image_size: int, num_examples: int | None
     """The source of one split; records are dicts with `image`, `caption_*`, `label`, `index` (module doc)."""
     kind, arg = parse_spec(spec)
     if kind == "shapes":
+        if arg == "xor":
+            from vlp.data import shapes_xor
+            return shapes_xor.XorShapesSource(split, num_examples=num_examples, image_size=image_size)
         return shapes.ShapesSource(split, num_examples=num_examples, image_size=image_size)
     if kind == "arrayrecord":
         return ArrayRecordSource(arg, split, image_size, num_examples)

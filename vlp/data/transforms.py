@@ -150,7 +150,8 @@ class AddPatchMask(grain.transforms.Map):
 class TokenizeBatch(grain.transforms.Map):
     """batch -> {"image": float32 [b, H, W, 3], "text": int32 [b, max_text_len], "label": int32 [b]}.
 
-    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS) and passes "mim_mask" through."""
+    Also tokenises `caption_<kind>` fields to `text_<kind>` (TIPS) and passes "mim_mask" and `signal*` (extra
+    modalities, Symile) through."""
 
     tokenizer: Tokenizer
     max_text_len: int
@@ -161,8 +162,9 @@ class TokenizeBatch(grain.transforms.Map):
             if key == "caption" or key.startswith("caption_"):
                 out["text" + key[len("caption"):]] = self.tokenizer.encode([str(c) for c in batch[key]],
                                                                           self.max_text_len)
-        if "mim_mask" in batch:
-            out["mim_mask"] = batch["mim_mask"]
+        for key in batch:  # masks and extra modalities (1-D `signal*` arrays) pass through
+            if key == "mim_mask" or key.startswith("signal"):
+                out[key] = batch[key]
         if SKIPPED_KEY in batch:
             out[SKIPPED_KEY] = batch[SKIPPED_KEY]
         return out

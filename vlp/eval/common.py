@@ -22,6 +22,8 @@ class Encoders:
     encode_patches: Callable[[Params, np.ndarray], np.ndarray] | None = None
     # caption(params, images, **decode options) -> one string per image (captioning objectives only).
     caption: Callable[..., list[str]] | None = None
+    # encode_signal(params, signals [N, T]) -> [N, D]: a third modality's tower (Symile) only.
+    encode_signal: Callable[[Params, np.ndarray], np.ndarray] | None = None
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
