@@ -4,13 +4,15 @@ A spec is one string (`data.source`, and each entry of `data.mixture`):
   `shapes`                         the embedded procedural dataset
   `shapes:classes=<lo>-<hi>`       the same with the main shape's class drawn from labels lo..hi only (continual
                                    training phases, e.g. Mod-X on two halves of the 64 classes)
+  `shapes:xor`                     its three-modality variant: image, keyed text, 1-D `signal` (data/shapes_xor.py)
   `arrayrecord:<dir or manifest>`  shards written by tools/make_shards.py (`<dir>/manifest.json`)
   `tfds:<name>[:<version>]`        a prepared TFDS dataset, read through `tfds.data_source` (no TensorFlow);
                                    `name` may hold a config (`coco_captions/2017`); data dir: $TFDS_DATA_DIR
 
 Every source yields dicts with `image` uint8 [H, W, 3] (at the source's decode size), `caption_noisy` (the main
 caption), `caption_synthetic` (the second caption, else the main one), `label` (int, -1 = unlabelled) and `index`;
-ArrayRecord records also carry `captions` (all captions of the image) and `key`.
+ArrayRecord records also carry `captions` (all captions of the image) and `key`. Extra modalities (more than
+image and text) are 1-D float32 arrays under `signal*` keys (`signal` for shapes:xor; `signal_<name>` from shards).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from etils import epath
 
 from vlp.data import records, shapes
 
-SPEC_FORMS = ("shapes", "shapes:classes=<lo>-<hi>", "arrayrecord:<dir or manifest.json>", "tfds:<name>[:<version>]")
+SPEC_FORMS = ("shapes", "shapes:classes=<lo>-<hi>", "shapes:xor", "arrayrecord:<dir or manifest.json>",
+              "tfds:<name>[:<version>]")
 SOURCES = ("shapes", "arrayrecord", "tfds")
 # Zero-shot prompts for sources other than shapes (a short subset of CLIP's ImageNet templates).
 GENERIC_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.",
@@ -36,6 +39,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, arg = str(spec).partition(":")
     if kind == "shapes" and not sep:
         return kind, ""
+    if kind == "shapes" and arg == "xor":
+        return kind, arg  # the three-modality variant (vlp.data.shapes_xor)
     if kind == "shapes" and shapes_classes(arg) is not None:
         return kind, arg
     if kind in ("arrayrecord", "tfds") and arg:
@@ -207,6 +212,9 @@ def make_source(spec: str, split: str, image_size: int, num_examples: int | None
     """The source of one split; records are dicts with `image`, `caption_*`, `label`, `index` (module doc)."""
     kind, arg = parse_spec(spec)
     if kind == "shapes":
+        if arg == "xor":
+            from vlp.data import shapes_xor
+            return shapes_xor.XorShapesSource(split, num_examples=num_examples, image_size=image_size)
         return shapes.ShapesSource(split, num_examples=num_examples, image_size=image_size,
                                    classes=shapes_classes(arg) if arg else None)
     if kind == "arrayrecord":

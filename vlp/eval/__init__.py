@@ -9,6 +9,7 @@ has `run(params) -> dict` with flat keys `<name>_<metric>`. The trainer and tool
   split (`train_split`, `num_train`, `l2_sweep`).
 - `knn`: weighted kNN on frozen image embeddings (`ks`, `temperature`, `train_split`, `num_train`).
 - `dense`: a linear segmentation probe on frozen patch tokens (shapes masks), `dense_miou`.
+- `signal_zeroshot`: the best of a signal modality's candidates given image and text (Symile; `scoring`).
 - `captioning`: CIDEr, BLEU-4 and exact match of generated captions (coca, cappa; `method`, `beams`, ...).
 - `retrieval_itm`: retrieval re-ranked by an ITM head (albef, tcl; `k` candidates), beside contrastive-only.
 - `itm`: ITM accuracy on held-out positive and negative pairs.
@@ -22,10 +23,11 @@ from vlp.eval.dense import DenseEvaluator
 from vlp.eval.itm import ItmEvaluator, RetrievalItmEvaluator
 from vlp.eval.knn import KnnEvaluator
 from vlp.eval.linear_probe import LinearProbeEvaluator
+from vlp.eval.multimodal import SignalZeroShotEvaluator
 from vlp.eval.retrieval import RetrievalEvaluator
 from vlp.eval.zero_shot import ZeroShotEvaluator
 
 EVALUATORS = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "knn": KnnEvaluator, "dense": DenseEvaluator,
               "captioning": CaptioningEvaluator, "retrieval_itm": RetrievalItmEvaluator, "itm": ItmEvaluator,
-              "attack_success": AttackSuccessEvaluator}
+              "attack_success": AttackSuccessEvaluator, "signal_zeroshot": SignalZeroShotEvaluator}

@@ -24,6 +24,8 @@ class Encoders:
     caption: Callable[..., list[str]] | None = None
     # itm_score(params, images [P, H, W, 3], tokens [P, L]) -> [P] matched-minus-unmatched logit (ITM objectives).
     itm_score: Callable[[Params, np.ndarray, np.ndarray], np.ndarray] | None = None
+    # encode_signal(params, signals [N, T]) -> [N, D]: a third modality's tower (Symile) only.
+    encode_signal: Callable[[Params, np.ndarray], np.ndarray] | None = None
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:

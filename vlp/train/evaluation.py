@@ -79,6 +79,7 @@ def make_encoders(objective: Any, mesh: Mesh, batch_size: int, image_output: int
         tokenize=lambda texts: objective.tokenizer.encode(texts, max_len),
         encode_patches=batched("encode_patches"),
         caption=caption if hasattr(objective, "caption_tokens") else None,
+        encode_signal=batched("encode_signal"),
     )
 
 

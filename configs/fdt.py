@@ -1,0 +1,48 @@
+"""FDT (Chen et al., CVPR 2023; github.com/yuxiaochen1103/FDT): CLIP's InfoNCE on embeddings built from a shared
+bank of finite discrete tokens (methods.md section 14).
+
+Released CC3M recipe (the `B/32` variant): ViT-B/32, bank C = 16384 x d = 512, sd_temperature T = 1000 (constant:
+decay weight 1), 32 epochs at batch 1024 (128 x 8), AdamW (0.9, 0.98), wd 0.1, lr warmed up linearly 1e-4 -> 1e-3
+over 2500 steps then cosine to 0 (vlp warms up from 0), logit scale clamped to <= 100. `tiny`: clip.py:tiny's towers
+and optimiser on shapes with a 1024-token bank.
+Usage: `--config=configs/fdt.py:tiny` or `--config=configs/fdt.py:tiny,total_steps=300`.
+"""
+
+from vlp import config as vlp_config
+
+VARIANTS = ("tiny", "B/32")
+
+
+def get_config(arg: str | None = None):
+    variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
+    c = vlp_config.base_config()
+    c.objective = "fdt"
+    if variant == "tiny":
+        c.total_steps = 1600
+        c.batch_size = 128
+        c.data.image_size = 32
+        c.data.max_text_len = 12
+        c.data.read_threads = 1
+        c.data.synthetic_caption_prob = 0.75
+        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
+        c.model.embed_dim = 96
+        c.fdt.num_tokens = 1024
+        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
+    else:
+        steps_per_epoch = 3_000_000 // 1024  # CC3M
+        c.total_steps = 32 * steps_per_epoch
+        c.batch_size = 1024
+        c.data.image_size = 224
+        c.data.max_text_len = 77
+        c.data.worker_count = 8
+        c.model.image.variant = "B/32"
+        c.model.text.update(width=512, depth=12, mlp_dim=2048, num_heads=8)
+        c.model.embed_dim = 512
+        c.fdt.num_tokens = 16384
+        c.optim.update(lr=1e-3, warmup_steps=2500, weight_decay=0.1, b2=0.98)
+        c.mesh.shape = (1, -1, 1)
+        c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
+    vlp_config.apply_overrides(c, overrides)
+    return c
