@@ -40,4 +40,4 @@ def config_blocks() -> dict[str, dict]:
 
 
 # Built-in objectives register themselves on import.
-from vlp.objectives import align, cappa, clip, coca, eva, mae, siglip, simmim, tips  # noqa: E402,F401
+from vlp.objectives import align, cappa, clip, coca, eva, mae, siglip, simmim, tips, uniter  # noqa: E402,F401
