@@ -73,7 +73,7 @@ BAD_CONFIGS = {
     "more_devices_than_exist": (
         {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
     "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['align', 'cappa', 'clip', 'coca', "
-                                                     r"'eva', 'mae', 'siglip', 'simmim', 'tips'\]"),
+                                                     r"'eva', 'mae', 'siglip', 'simmim', 'tips', 'uniter'\]"),
     "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
     "model_size_patch_does_not_divide_image": (
         {"model.image.variant": "B/17"},
@@ -151,6 +151,11 @@ BAD_CONFIGS = {
         {"objective": "coca", "coca.caption_weight": "-1"}, r"coca.caption_weight=-1.0 must be >= 0"),
     "cappa_masked_pred_prob_above_one": (
         {"objective": "cappa", "cappa.masked_pred_prob": "1.5"}, r"cappa.masked_pred_prob=1.5 must be in \[0, 1\]"),
+    "uniter_negative_task_ratio": (
+        {"objective": "uniter", "uniter.mlm_ratio": "-1"},
+        r"uniter task ratios itm/mlm/mrfr = \[2.0, -1.0, 1.0\] must be >= 0 with a positive sum"),
+    "uniter_zero_ot_iterations": (
+        {"objective": "uniter", "uniter.ot_iterations": "0"}, r"uniter.ot_iterations=0 must be an integer >= 1"),
 }
 
 

@@ -204,12 +204,14 @@ class UniterObjective(Objective):
     # --- evaluation -----------------------------------------------------------------------------------------------
     def itm_scores(self, params: Any, images: jax.Array, tokens: jax.Array) -> jax.Array:
         """P(match) of every pair: images [I, H, W, 3], tokens [T, L] -> [I, T] (one joint pass per pair)."""
-        patches = self.patches(images)
-        n_img, n_txt = patches.shape[0], tokens.shape[0]
-        pair_patches = jnp.repeat(patches, n_txt, axis=0)
-        pair_tokens = jnp.tile(tokens, (n_img, 1))
-        logits = self.apply(params, pair_tokens, pair_patches)["itm_logits"]
-        return jax.nn.softmax(logits, -1)[:, 1].reshape(n_img, n_txt)
+        n_img, n_txt = images.shape[0], tokens.shape[0]
+        pair_images = jnp.repeat(images, n_txt, axis=0)
+        return self.itm_scores_paired(params, pair_images, jnp.tile(tokens, (n_img, 1))).reshape(n_img, n_txt)
+
+    def itm_scores_paired(self, params: Any, images: jax.Array, tokens: jax.Array) -> jax.Array:
+        """P(match) of image i with text i: images [B, H, W, 3], tokens [B, L] -> [B]."""
+        logits = self.apply(params, tokens, self.patches(images))["itm_logits"]
+        return jax.nn.softmax(logits, -1)[:, 1]
 
     def train_flops_per_example(self) -> float:
         model = self.model
