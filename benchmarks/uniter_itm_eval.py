@@ -13,6 +13,7 @@ pass per pair:
 and gallery, by its embeddings, so the two compare on equal sets.
 
   python benchmarks/uniter_itm_eval.py --workdir=RUN [--clip_workdir=RUN] [--gallery 100] [--zeroshot_images 100]
+      [--max_prompts 4]
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--zeroshot_images", type=int, default=100)
     parser.add_argument("--itm_pairs", type=int, default=500)
     parser.add_argument("--caption", default="synthetic")
+    parser.add_argument("--max_prompts", type=int, default=0,
+                        help="the last N prompts of each class (shapes: its 4 noisy-style ones); 0 = all")
     args = parser.parse_args()
 
     exp, step, state = restore_run(args.workdir)
@@ -66,7 +69,7 @@ def main() -> None:
     with exp.context():
         params = state.params
         # zero-shot by ITM: mean P(match) over each class's prompt ensemble
-        prompts = class_prompt_lists(config.data.source)
+        prompts = [p[-args.max_prompts:] if args.max_prompts else p for p in class_prompt_lists(config.data.source)]
         flat = [p for ps in prompts for p in ps]
         scores = pair_scores(objective, params, eval_set.images[:args.zeroshot_images], tokenize(flat))
         bounds = np.cumsum([0] + [len(p) for p in prompts])
