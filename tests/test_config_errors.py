@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, tiny_config
 
 from vlp import config as vlp_config
+from vlp.objectives import available_objectives
 from vlp.train import trainer
 from vlp.train.trainer import build_experiment, train_and_evaluate
 from vlp.train.workdir import prepare_workdir
@@ -72,8 +73,8 @@ BAD_CONFIGS = {
         r"mesh.shape \(3, 1, 1\) needs 3 devices but 8 are used; valid shapes multiply to 8"),
     "more_devices_than_exist": (
         {"mesh.num_devices": "99"}, r"mesh.num_devices=99 but 8 devices exist; use -1 \(all\) or 1..8"),
-    "unknown_objective": ({"objective": "clipp"}, r"objective='clipp'; valid: \['albef', 'align', 'cappa', 'clip', "
-                                                  r"'coca', 'eva', 'mae', 'siglip', 'simmim', 'tcl', 'tips'\]"),
+    "unknown_objective": ({"objective": "clipp"},
+                          r"objective='clipp'; valid: " + re.escape(str(available_objectives()))),
     "unknown_loss_variant": ({"loss.variant": "allgather"}, r"loss.variant='allgather'; valid: \['gather', 'ring'\]"),
     "model_size_patch_does_not_divide_image": (
         {"model.image.variant": "B/17"},
@@ -166,6 +167,11 @@ BAD_CONFIGS = {
     "cleanclip_crop_scale_reversed": (
         {"objective": "cleanclip", "cleanclip.crop_scale": "(0.9, 0.5)"},
         r"cleanclip.crop_scale=\(0.9, 0.5\) must satisfy 0 < low <= high <= 1"),
+    "uniter_negative_task_ratio": (
+        {"objective": "uniter", "uniter.mlm_ratio": "-1"},
+        r"uniter task ratios itm/mlm/mrfr = \[2.0, -1.0, 1.0\] must be >= 0 with a positive sum"),
+    "uniter_zero_ot_iterations": (
+        {"objective": "uniter", "uniter.ot_iterations": "0"}, r"uniter.ot_iterations=0 must be an integer >= 1"),
 }
 
 
