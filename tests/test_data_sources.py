@@ -131,7 +131,8 @@ def test_config_rejects_bad_source_specs(spec, tmp_path):
         with pytest.raises(ValueError, match=message):
             vlp_config.validate(tiny_config(**updates))
 
-    check(r"unknown data source 'imagenet'; valid forms: \['shapes', 'arrayrecord:", **{"data.source": "imagenet"})
+    check(r"unknown data source 'imagenet'; valid forms: \['shapes', 'shapes:classes=<lo>-<hi>', 'shapes:xor', "
+          r"'arrayrecord:", **{"data.source": "imagenet"})
     check("no manifest at", **{"data.source": f"arrayrecord:{tmp_path}"})
     check("data.train_split='valid' is not a split of", **{"data.source": spec, "data.train_split": "valid"})
     check("is not '<source spec>=<weight > 0>'", **{"data.mixture": "('shapes',)"})
