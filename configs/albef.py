@@ -20,18 +20,9 @@ def get_config(arg: str | None = None):
     c.objective = "albef"
     if variant == "tiny":
         # configs/clip.py:tiny's data, image tower and schedule; the text side is 1 text-only + 1 fusion layer.
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+        vlp_config.shapes_tiny(c)
         c.model.text.update(width=96, depth=2, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
         c.albef.update(fusion_layer=1, queue_size=1024, alpha_ramp_steps=400)
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
         c.evals.retrieval_itm = dict(type="retrieval_itm", split="validation", num_examples=500, batch_size=250,
                                      caption="synthetic", k=16)
         c.evals.itm = dict(type="itm", split="validation", num_examples=500, batch_size=250, caption="synthetic")

@@ -36,16 +36,8 @@ def get_config(arg: str | None = None):
     c.objective = "alip"
     if variant == "tiny":
         # clip.py:tiny's towers and schedule: 1600 steps at batch 128, both captions of every example each step.
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
+        vlp_config.shapes_tiny(c)
+        c.data.synthetic_caption_prob = 0.5  # both captions are used; this only affects the single-caption evals
     else:
         steps_per_epoch = 15_061_515 // 4096  # YFCC15M at the script's one-node global batch
         c.total_steps = 32 * steps_per_epoch

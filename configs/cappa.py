@@ -20,16 +20,9 @@ def get_config(arg: str | None = None):
     c = vlp_config.base_config()
     c.objective = "cappa"
     if variant == "tiny":
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+        vlp_config.shapes_tiny(c)
+        c.model.embed_dim = 128
         c.model.text.update(width=96, depth=2, mlp_dim=384, num_heads=4)  # the decoder
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
         c.evals = dict(captioning=default_eval(num_examples=500))
     else:
         c.total_steps = 100_000

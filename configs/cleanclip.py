@@ -35,14 +35,7 @@ def get_config(arg: str | None = None):
     c.objective = "cleanclip"
     if variant in ("tiny", "tiny_plain", "backdoor"):
         # configs/clip.py:tiny's data and towers.
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
+        vlp_config.shapes_tiny(c)
         c.evals.attack = attack_eval()
         c.log_every, c.eval_every, c.checkpoint_every = 100, 200, 200
     if variant == "backdoor":

@@ -38,15 +38,8 @@ def get_config(arg: str | None = None):
     c.objective = "clim"
     if variant == "tiny":
         # clip.py:tiny's towers (so its workdirs load with init_from).
+        vlp_config.shapes_tiny(c)
         c.total_steps = 300
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
         c.clim.grid_sizes = (2,)
         c.optim.update(lr=1e-4, warmup_steps=30, weight_decay=0.1, freeze=locked_image_patterns(4, 2))
         c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300

@@ -16,20 +16,7 @@ def get_config(arg: str | None = None):
     c = vlp_config.base_config()
     c.objective = "clip"
     if variant == "tiny":
-        # Calibrated on a 2-core CPU: ~650 samples/s, 1600 steps in ~5 minutes, zero-shot top-1 ~0.97 and
-        # image->text R@1 ~0.5 on the shapes validation set. Optimizer steps matter more than width here, so the
-        # towers are narrow and the text tower is one layer (captions are <= 10 tokens).
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1  # generation is GIL-bound: one background thread is fastest in-process
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
+        vlp_config.shapes_tiny(c)  # the CPU demo (its calibration is in the helper's docstring)
     elif variant == "bench":
         # Fixed dims for benchmarks/train_step.py, so throughput and MFU figures compare across machines and
         # commits: ViT 64 px / patch 8 (65 tokens), text 32 tokens over an 8192-row embedding table (a real

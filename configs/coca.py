@@ -25,18 +25,8 @@ def get_config(arg: str | None = None):
     if variant == "tiny":
         # configs/clip.py:tiny's data, towers and schedule, plus one multimodal layer and a 16-query generative
         # pooler (a 32 px image has only 17 tokens; the paper's 256 queries would be 15x more than tokens).
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)  # the unimodal layers
-        c.model.embed_dim = 96
+        vlp_config.shapes_tiny(c)
         c.coca.update(multimodal_depth=1, gen_queries=16, pooler_heads=4)
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
         c.evals.captioning = default_eval(num_examples=500)
     else:
         width = 768 if variant == "B/16" else 1024

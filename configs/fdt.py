@@ -18,18 +18,8 @@ def get_config(arg: str | None = None):
     c = vlp_config.base_config()
     c.objective = "fdt"
     if variant == "tiny":
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
+        vlp_config.shapes_tiny(c)
         c.fdt.num_tokens = 1024
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
     else:
         steps_per_epoch = 3_000_000 // 1024  # CC3M
         c.total_steps = 32 * steps_per_epoch

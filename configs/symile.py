@@ -25,21 +25,13 @@ def get_config(arg: str | None = None):
     c.objective = "symile"
     if variant.startswith("tiny"):
         # clip.py:tiny's towers and optimiser on the three-modality shapes variant.
-        c.total_steps = 1600
-        c.batch_size = 128
+        vlp_config.shapes_tiny(c)
+        c.data.synthetic_caption_prob = 0.5
         c.data.source = "shapes:xor"
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
         c.data.train_caption = "noisy"  # both caption kinds are the same keyed text in shapes:xor
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
         c.symile.update(signal_len=32, signal_width=96, signal_depth=2, signal_mlp_dim=384)
         c.symile.loss = "pairwise" if variant == "tiny_pairwise" else "symile"
         c.symile.negative_sampling = "n_squared" if variant == "tiny_n2" else "n"
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
     else:
         c.total_steps = 100_000
         c.batch_size = 32_768

@@ -38,18 +38,10 @@ def get_config(arg: str | None = None):
                      dino_weight=1.0, ibot_weight=1.0)
     c.tips.update(contrastive_view="unmasked", contrastive_weight=1.0)
     if variant == "tiny":
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
-        c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
-        c.model.embed_dim = 96
+        vlp_config.shapes_tiny(c)
+        c.data.synthetic_caption_prob = 0.5
         c.distill.update(num_prototypes=256, head_hidden=192, head_bottleneck=64, head_layers=2,
                          teacher_temp_warmup_steps=150, ema_momentum=0.99, ema_momentum_final=0.99)
-        c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
     else:
         c.total_steps = 100_000
         c.batch_size = 16_384

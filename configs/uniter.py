@@ -32,16 +32,12 @@ def get_config(arg: str | None = None):
     c.evals = dict()
     if variant == "tiny":
         # configs/clip.py:tiny's data and schedule; one 4-layer 96-wide transformer over 1 + 12 + 16 tokens.
-        c.total_steps = 1600
-        c.batch_size = 128
-        c.data.image_size = 32
-        c.data.max_text_len = 12
-        c.data.read_threads = 1
-        c.data.synthetic_caption_prob = 0.75
+        vlp_config.shapes_tiny(c)
+        c.model.image.update(width=128, mlp_dim=512)
+        c.model.embed_dim = 128
         c.model.image.patch_size = 8
         c.model.text.update(width=96, depth=4, mlp_dim=384, num_heads=4)
         c.optim.update(lr=1e-3, warmup_steps=150, weight_decay=0.01, b2=0.98)
-        c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
     else:
         c.total_steps = 200_000
         c.batch_size = 1024

@@ -253,6 +253,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
                             f"type {declared.__name__}") from e
 
 
+def shapes_tiny(c: ml_collections.ConfigDict) -> None:
+    """Sets the CPU demo's data, towers and schedule (`configs/clip.py:tiny`) on `c`; each method's `tiny` starts
+    from it and edits what differs, so the tiny figures of all methods compare at equal steps and dims.
+
+    Calibrated on a 2-core CPU: 1600 steps at batch 128 in a few minutes, zero-shot top-1 ~0.97 for CLIP. Optimizer
+    steps matter more than width here, so the towers are narrow and the text tower is one layer (shapes captions
+    are <= 10 tokens)."""
+    c.total_steps = 1600
+    c.batch_size = 128
+    c.data.image_size = 32
+    c.data.max_text_len = 12
+    c.data.read_threads = 1  # generation is GIL-bound: one background thread is fastest in-process
+    c.data.synthetic_caption_prob = 0.75
+    c.model.image.update(width=96, depth=4, mlp_dim=384, num_heads=4, patch_size=8)
+    c.model.text.update(width=96, depth=1, mlp_dim=384, num_heads=4)
+    c.model.embed_dim = 96
+    c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 400, 400
+
+
 def parse_arg(arg: str | None, variants: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """`"tiny,total_steps=50"` -> ("tiny", {"total_steps": "50"}); the variant must be one of `variants`."""
     variant, overrides = variants[0], {}
