@@ -87,6 +87,17 @@ def test_tcl_sharded_step_equals_single_device(batch, single_tcl):
     assert 0.0 < m["loss_itm"] < 1.5 and m["loss_mlm"] > 1.0 and float(m["alpha"]) == pytest.approx(0.4)
 
 
+def test_albef_sharded_step_equals_single_device(batch):
+    single = run_step((1, 1, 1), 1, batch)
+    sharded = run_step((2, 4, 1), -1, batch, single["start"])
+    assert abs(sharded["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"])
+    assert_trees_close(sharded["grads"], single["grads"], rtol=1e-5, zero_floor=1e-3)
+    assert_trees_close(sharded["extra"], single["extra"], rtol=1e-5, zero_floor=1e-3)  # momentum model and queues
+    m = single["metrics"]
+    np.testing.assert_allclose(single["loss"], m["loss_itc"] + m["loss_itm"] + m["loss_mlm"], rtol=1e-5)
+    assert 0.0 < m["loss_itm"] < 1.5 and m["loss_mlm"] > 1.0
+
+
 def test_tcl_second_view_keeps_geometry_and_differs(batch):
     view, image = batch["image_aug"], batch["image"]
     assert view.shape == image.shape and not np.allclose(view, image)
