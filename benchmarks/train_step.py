@@ -74,8 +74,12 @@ def synthetic_batch_fn(exp: Any, batch_size: int):
     example = objective.example_batch(batch_size)
     specs = {key: (example[key].shape, example[key].dtype) if key in example else ((batch_size,), np.dtype(np.int32))
              for key in exp.batch_shardings()}
+    # ids below the configured vocabulary are valid for every objective (fusion models add mask/CLS rows above it)
     text_tower = getattr(getattr(objective, "model", None), "text", None)
-    vocab_rows = text_tower["vocab_size"] if isinstance(text_tower, dict) else objective.tokenizer.vocab_size
+    if isinstance(text_tower, dict) and "vocab_size" in text_tower:
+        vocab_rows = text_tower["vocab_size"]
+    else:
+        vocab_rows = exp.config.model.text.vocab_size or objective.tokenizer.vocab_size
 
     def make(rng: jax.Array) -> dict[str, jax.Array]:
         out = {}
@@ -167,8 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The objective's loss alone (what the step differentiates), on the same params and batch.
             model_batch = {k: v for k, v in batch.items() if k != SKIPPED_KEY}
             rng = jax.random.key(config.seed)
-            forward = jax.jit(lambda p, b: exp.objective.loss_fn(p, b, rng)[0]).lower(
-                state.params, model_batch).compile()
+            objective = exp.objective
+            if objective.has_extra:  # EMA teachers, momentum models, queues: the loss reads the extra state
+                def loss(p, b):
+                    return objective.loss_fn_with_extra(p, state.extra, b, rng, state.step)[0]
+            else:
+                def loss(p, b):
+                    return objective.loss_fn(p, b, rng)[0]
+            forward = jax.jit(loss).lower(state.params, model_batch).compile()
             jax.block_until_ready(forward(state.params, model_batch))
             for _ in range(args.forward_steps):
                 start = time.perf_counter()

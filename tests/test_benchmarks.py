@@ -48,6 +48,17 @@ def test_train_step_benchmark_runs_one_step():
     assert abs(row["forward_mfu"] - forward_mfu) <= 1e-4 + 1e-2 * forward_mfu, (row["forward_mfu"], forward_mfu)
 
 
+def test_train_step_benchmark_runs_an_objective_with_extra_state():
+    # ALBEF: a momentum model and queues in the extra state, a text table with mask/CLS rows above the vocabulary
+    [row] = run_json_lines("train_step.py", "--config=configs/albef.py:tiny", *TINY_TOWERS,
+                           "--set=model.embed_dim=32", "--set=batch_size=16", "--set=mesh.num_devices=1",
+                           "--set=model.text.depth=2", "--set=albef.queue_size=64", "--steps=1", "--warmup=0",
+                           "--forward_steps=1",
+                           "--peak_matmul_size=256")
+    assert row["steps"] == 1 and row["samples_per_second"] > 0 and row["forward_seconds_median"] > 0
+    assert 0 < row["loss"] < 20
+
+
 def test_loss_memory_benchmark_compiles_every_kind_and_variant():
     rows = run_json_lines("loss_memory.py", "--devices=2", "--dim=8", "--batches", "16")
     assert {(r["loss"], r["variant"]) for r in rows} == {("softmax", "gather"), ("softmax", "ring"),
