@@ -36,6 +36,8 @@ bench: $(VENV)/.installed  # open_clip_step.py compares with open_clip + torch (
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/compile.py --config=configs/clip.py:tiny --policies=none,full
 	$(PY) benchmarks/decode.py --config=configs/coca.py:tiny
+	$(PY) benchmarks/mlcd.py --kmeans_n=50000
+	$(PY) benchmarks/train_step.py --config=configs/albef.py:tiny
 
 clean:
 	rm -rf $(VENV) runs
