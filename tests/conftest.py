@@ -93,3 +93,18 @@ def assert_same_update(got_params, want_params, initial, lr: float, rtol: float)
     assert lr > 0 and 0.5 <= moved <= 1.1, f"update norm {moved:.3g} x lr sqrt(n) at lr {lr}: the step did not move"
     diff = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert diff <= rtol, f"updates differ by {diff:.3g} (global-norm relative) > {rtol}"
+
+
+def objective_loss_and_grads(exp, batch: dict, params=None, seed: int = 0):
+    """The objective's loss and gradient on `exp`'s mesh, as the sharded-step tests compare them: `params` (a host
+    tree; None = `exp.init_state()`'s) placed with the run's shardings, `batch` made global, `loss_fn` jitted with
+    rng key `seed`. Returns (loss, metrics, grads, params), all on the host."""
+    import jax
+
+    from vlp.parallel import sharding
+
+    with exp.context():
+        placed = exp.init_state().params if params is None else jax.device_put(params, exp.state_shardings.params)
+        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(seed)), has_aux=True))
+        (loss, metrics), grads = fn(placed, sharding.host_to_global(batch, exp.mesh))
+    return (float(loss), *jax.device_get((metrics, grads, placed)))

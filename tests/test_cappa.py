@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 from test_coca import CAPTIONS, _at, make_batch, np_caption_ce
 
 from vlp import config as vlp_config
-from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 PROB = 0.5
@@ -81,12 +80,8 @@ def test_loss_with_probability_one_is_parallel_prediction_ce_against_numpy(setup
 
 
 def _loss_and_grads(exp, batch, params):
-    with exp.context():
-        params = jax.device_put(params, exp.state_shardings.params)
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(0))[0]))
-        loss, grads = fn(params, global_batch)
-    return float(loss), jax.device_get(grads)
+    loss, _, grads, _ = objective_loss_and_grads(exp, batch, params)
+    return loss, grads
 
 
 def test_sharded_step_equals_single_device(setup):

@@ -6,14 +6,13 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 
 from vlp import config as vlp_config
 from vlp.data import backdoor, eda, shapes
 from vlp.data.transforms import VISIT_KEY, SelectCaption
 from vlp.eval.attack import attack_success_rate
 from vlp.objectives.cleanclip import CleanClipViews
-from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 CAPTIONS = ["a large red circle in the upper left", "blue square", "small green triangle right", "a star",
@@ -110,12 +109,8 @@ def test_inmodal_loss_falls_fast_when_the_view_is_the_original(setup):
 
 
 def _loss_and_grads(exp, batch, params):
-    with exp.context():
-        params = jax.device_put(params, exp.state_shardings.params)
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(0))[0]))
-        loss, grads = fn(params, global_batch)
-    return float(loss), jax.device_get(grads)
+    loss, _, grads, _ = objective_loss_and_grads(exp, batch, params)
+    return loss, grads
 
 
 def test_sharded_step_equals_single_device(setup):

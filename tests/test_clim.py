@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 
 from vlp import config as vlp_config
 from vlp.models.regions import grid_boxes, make_mosaics, region_embeddings, roi_align
 from vlp.objectives.clim import mosaic_layout
-from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 CAPTIONS = ["red circle left", "blue square", "green triangle right", "a star", "yellow star", "red",
@@ -155,12 +154,8 @@ def np_infonce(img, txt, scale):
 
 def _loss_and_grads(mesh_shape, num_devices, batch, params):
     exp = build_experiment(clim_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices}))
-    with exp.context():
-        params = jax.device_put(params, exp.state_shardings.params)
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(0))[0]))
-        loss, grads = fn(params, global_batch)
-    return float(loss), jax.device_get(grads)
+    loss, _, grads, _ = objective_loss_and_grads(exp, batch, params)
+    return loss, grads
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 
 from vlp import config as vlp_config
 from vlp.models.fdt import bank_embedding, sparsemax
-from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 
@@ -78,15 +77,7 @@ def make_batch(tokenizer):
 def _loss_and_grads(mesh_shape, num_devices, params=None, temperature=1000.0):
     exp = build_experiment(fdt_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices,
                                          "fdt.temperature": temperature}))
-    batch = make_batch(exp.objective.tokenizer)
-    with exp.context():
-        state = exp.init_state()
-        if params is not None:
-            state = state.replace(params=jax.device_put(params, exp.state_shardings.params))
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(0)), has_aux=True))
-        (loss, metrics), grads = fn(state.params, global_batch)
-    return float(loss), jax.device_get(metrics), jax.device_get(grads), jax.device_get(state.params)
+    return objective_loss_and_grads(exp, make_batch(exp.objective.tokenizer), params)
 
 
 def test_loss_at_init_is_log_batch():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 
 from vlp import config as vlp_config
 from vlp.data import records, shapes, shapes_xor
@@ -20,7 +20,6 @@ from vlp.losses.contrastive import softmax_contrastive_loss
 from vlp.losses.symile import (anchor_logits_n, anchor_logits_n_squared, mip, pairwise_clip_loss, pairwise_score,
                                symile_loss)
 from vlp.objectives.symile import KeepSignal
-from vlp.parallel import sharding
 from vlp.train.trainer import build_experiment
 
 
@@ -271,14 +270,8 @@ def test_bad_symile_config_names_the_value():
 
 def _loss_and_grads(mesh_shape, num_devices, batch, params=None):
     exp = build_experiment(symile_config(**{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices}))
-    with exp.context():
-        state = exp.init_state()
-        if params is not None:
-            state = state.replace(params=jax.device_put(params, exp.state_shardings.params))
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(3))[0]))
-        loss, grads = fn(state.params, global_batch)
-    return float(loss), jax.device_get(grads), jax.device_get(state.params), exp.objective
+    loss, _, grads, params = objective_loss_and_grads(exp, batch, params, seed=3)
+    return loss, grads, params, exp.objective
 
 
 def test_sharded_step_equals_single_device():
