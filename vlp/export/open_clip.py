@@ -109,15 +109,23 @@ def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rules(spec: ModelSpec) -> list[mapping.Rule]:
-    image, text = spec.image, spec.text
-    r = [
+def visual_trunk_rules(image: dict) -> list[mapping.Rule]:
+    """open_clip's `visual` ViT up to its last block (patch embedding, CLS, positions, ln_pre, blocks): shared by the
+    CLIP and CoCa mappings, which differ after it (ln_post + projection vs the attentional pooler)."""
+    return [
         mapping.conv("visual.conv1.weight", "image/patch_embed/kernel"),
         mapping.same("visual.class_embedding", "image/cls_token", (-1,)),
         mapping.same("visual.positional_embedding", "image/pos_embed"),
         *(mapping.layer_norm("visual.ln_pre", "image/ln_pre") if image["ln_pre"] else []),
         *mapping.encoder_rules("visual.transformer.resblocks", "image/encoder", image["depth"], image["fused_qkv"],
                                ENCODER_NAMES, torch_fused_qkv=True),
+    ]
+
+
+def rules(spec: ModelSpec) -> list[mapping.Rule]:
+    image, text = spec.image, spec.text
+    r = [
+        *visual_trunk_rules(image),
         *mapping.layer_norm("visual.ln_post", "image/ln_post"),
         mapping.same("visual.proj", "image_proj/kernel"),
         mapping.same("token_embedding.weight", "text/token_embed/embedding"),

@@ -23,7 +23,7 @@ from typing import Any
 
 from vlp.export import mapping
 from vlp.export.common import ExportError, require
-from vlp.export.open_clip import ENCODER_NAMES
+from vlp.export.open_clip import visual_trunk_rules
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 OPEN_CLIP_LN_EPS = 1e-5
@@ -166,12 +166,7 @@ def _pooler_attention(spec: CocaSpec) -> list[mapping.Rule]:
 def rules(spec: CocaSpec) -> list[mapping.Rule]:
     image, dec = spec.image, spec.decoder
     return [
-        mapping.conv("visual.conv1.weight", "image/patch_embed/kernel"),
-        mapping.same("visual.class_embedding", "image/cls_token", (-1,)),
-        mapping.same("visual.positional_embedding", "image/pos_embed"),
-        *(mapping.layer_norm("visual.ln_pre", "image/ln_pre") if image["ln_pre"] else []),
-        *mapping.encoder_rules("visual.transformer.resblocks", "image/encoder", image["depth"], image["fused_qkv"],
-                               ENCODER_NAMES, torch_fused_qkv=True),
+        *visual_trunk_rules(image),
         mapping.same("visual.attn_pool.query", "gen_pooler/queries"),
         *mapping.layer_norm("visual.attn_pool.ln_q", "gen_pooler/ln_q"),
         *mapping.layer_norm("visual.attn_pool.ln_k", "gen_pooler/ln_k"),
