@@ -18,7 +18,6 @@ when a run starts from step 0.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,12 @@ TEACHER_FEATURES = {"aligned": "encode_aligned_patches", "patch_tokens": "encode
 def teacher_config(mim: Any) -> Any:
     """The teacher's resolved config: `mim.teacher_config` (recorded at the run's first start), else
     `<mim.teacher_workdir>/config.json`."""
-    if mim.teacher_config:
-        return vlp_config.from_dict(json.loads(mim.teacher_config))
-    path = Path(mim.teacher_workdir) / "config.json"
-    if not mim.teacher_workdir or not path.is_file():
-        raise FileNotFoundError(
-            f"objective='eva' needs its teacher's config: mim.teacher_config is empty and mim.teacher_workdir="
-            f"{mim.teacher_workdir!r} has no config.json. A new run needs mim.teacher_workdir (a vlp workdir with "
-            f"config.json and checkpoints, e.g. a configs/clip.py:tiny run); a started run records the teacher's "
-            f"config as mim.teacher_config in its own <workdir>/config.json (resume from that config)")
-    return vlp_config.load_json(path)
+    return frozen.recorded_or_workdir_config(
+        mim.teacher_config, mim.teacher_workdir,
+        f"objective='eva' needs its teacher's config: mim.teacher_config is empty and mim.teacher_workdir="
+        f"{mim.teacher_workdir!r} has no config.json. A new run needs mim.teacher_workdir (a vlp workdir with "
+        f"config.json and checkpoints, e.g. a configs/clip.py:tiny run); a started run records the teacher's "
+        f"config as mim.teacher_config in its own <workdir>/config.json (resume from that config)")
 
 
 @register("eva")

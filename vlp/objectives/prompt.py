@@ -17,7 +17,6 @@ text, so the `zeroshot` evaluator with `templates="name"` (the bare class name) 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,11 @@ def class_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def clip_config_of(block: Any) -> ml_collections.ConfigDict:
     """The frozen CLIP's config: `prompt.clip_config` (recorded at the first start), else its workdir's."""
-    if block.clip_config:
-        return vlp_config.from_dict(json.loads(block.clip_config))
-    path = Path(block.clip_workdir) / "config.json"
-    if not block.clip_workdir or not path.is_file():
-        raise FileNotFoundError(
-            f"objective='prompt' needs a frozen CLIP: prompt.clip_config is empty and prompt.clip_workdir="
-            f"{block.clip_workdir!r} has no config.json; give the workdir of a two-tower run (e.g. "
-            f"configs/clip.py:tiny)")
-    return vlp_config.load_json(path)
+    return frozen.recorded_or_workdir_config(
+        block.clip_config, block.clip_workdir,
+        f"objective='prompt' needs a frozen CLIP: prompt.clip_config is empty and prompt.clip_workdir="
+        f"{block.clip_workdir!r} has no config.json; give the workdir of a two-tower run (e.g. "
+        f"configs/clip.py:tiny)")
 
 
 @register("prompt")

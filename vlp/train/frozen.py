@@ -144,6 +144,18 @@ def _reference_files(fmt: str, path: str, step: int | None) -> tuple[epath.Path,
     return source.parent, [source, *(f for f in beside if f.is_file())]
 
 
+def recorded_or_workdir_config(recorded: str, workdir: str, missing: str) -> ml_collections.ConfigDict:
+    """A frozen model's resolved config: `recorded` (the JSON a run writes into its own config at its first start, so
+    resume, eval and export need only the run's workdir), else `<workdir>/config.json`; `missing` is the error
+    message (FileNotFoundError) when neither is there."""
+    if recorded:
+        return vlp_config.from_dict(json.loads(recorded))
+    path = epath.Path(workdir) / "config.json" if workdir else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(missing)
+    return vlp_config.load_json(path)
+
+
 def reference_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The reference model's resolved config: `reference.config` (recorded at the run's first start), else read from
     the source: a vlp workdir's config.json; an export's model description (safetensors: model_config.json; hf and
