@@ -196,6 +196,12 @@ def test_two_processes_train_eva_like_one_process(tmp_path, teacher_workdir, com
     assert [r for r in read_jsonl(two / "metrics.jsonl") if "dense_miou" in r]
 
 
+def test_patch_dropout_is_rejected(teacher_workdir):
+    # EVA's student reads masked patch grids (the mask is the method); FLIP patch dropout is for two-tower students.
+    with pytest.raises(ValueError, match=r"model.image.patch_dropout=0.5 is not supported by objective 'eva'"):
+        trainer.build_experiment(eva_config(teacher_workdir, **{"model.image.patch_dropout": 0.5}))
+
+
 def test_an_unknown_target_space_is_rejected(teacher_workdir):
     config = eva_config(teacher_workdir, **{"mim.teacher_features": "cls"})
     with pytest.raises(ValueError, match=r"mim.teacher_features='cls'; valid: \('aligned', 'patch_tokens'\)"):
