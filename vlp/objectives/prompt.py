@@ -13,8 +13,8 @@ The frozen CLIP is the run's reference model (`reference.format/path`: a vlp two
 or open_clip export; `vlp.train.frozen.Reference`, as distillation's teacher): loaded onto the mesh sharded like a
 student at every start, never checkpointed (the checkpoints keep its fingerprint: a resume refuses a changed one);
 its config is recorded as `reference.config`. The learned context means nothing without that CLIP, so
-`tools/eval.py` loads it too (`eval_reads_reference`) and also checks the fingerprint; export writes the context
-only. Evaluation: the objective's `encode_text` puts the learned context in front of every
+`tools/eval.py` (`vlp.train.restore.restore_run`) loads it too (`eval_reads_reference`), checking the fingerprint.
+Evaluation: the objective's `encode_text` puts the learned context in front of every
 text, so the `zeroshot` evaluator with `templates="name"` (the bare class name) is zero-shot with the learned prompt.
 """
 
