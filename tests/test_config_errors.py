@@ -50,6 +50,15 @@ def test_a_moved_key_says_where_it_went(key):
         tiny_config(**{key: "runs/clip"})
 
 
+def test_a_moved_key_on_the_command_line_says_where_it_went():
+    from vlp.train.__main__ import moved_flag_error
+
+    argv = ["vlp.train", "--config=configs/eva.py:tiny", "--config.mim.teacher_workdir=runs/clip", "--workdir=x"]
+    assert re.match(r"vlp: the command line sets 'mim.teacher_workdir', which no longer exists: .*reference.path",
+                    moved_flag_error(argv))
+    assert moved_flag_error(["vlp.train", "--config.reference.path=runs/clip", "--config.mim.mask_ratio=0.4"]) is None
+
+
 def test_a_saved_config_that_set_a_moved_key_fails_unless_it_was_unset():
     with pytest.raises(KeyError, match=r"the saved config sets 'mim.teacher_workdir', which no longer exists: "
                                        r"EVA's teacher moved: .*reference.path"):
