@@ -1,6 +1,7 @@
 """The reference model from an hf or open_clip export: a tiny CLIP exported to both (vlp.export.interop, no torch
 needed) loads as EVA's teacher (`reference.format=hf|open_clip`) with the embeddings and EVA targets of the same
-model read from its vlp workdir; a changed export file makes a resume fail the fingerprint check."""
+model read from its vlp workdir; a changed export file makes a resume fail the fingerprint check. The tools load the
+prompt objective's CLIP (its evaluation encodes with it) and check its fingerprint."""
 
 import flax.struct
 import jax
@@ -104,3 +105,30 @@ def test_a_changed_export_fails_the_fingerprint_at_resume(sources, loaded, fmt):
     with pytest.raises(frozen.ReferenceMismatchError, match=rf"reference.path='.*' \({fmt}\) is not the reference "
                                                             r"model this run was trained against"):
         frozen.attach_reference(eva.reference, saved, extra_shardings, resumed=True)
+
+
+def test_the_tools_load_the_prompt_objectives_clip_and_check_its_fingerprint(tmp_path, sources):
+    """The prompt objective's evaluation encodes with its frozen CLIP, so restore_run (tools/eval.py, export) loads
+    the reference beside the run's params; a checkpoint written against another CLIP is refused."""
+    from test_prompt import prompt_config
+
+    from vlp.train import trainer
+    from vlp.train.checkpoint import Checkpointer
+    from vlp.train.restore import restore_run
+
+    config = prompt_config(**{"reference.path": str(sources["vlp"])})
+    exp = trainer.build_experiment(config)
+    workdir = tmp_path / "prompt"
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=3, async_save=False)
+    _, state = trainer._initial_state(exp, checkpointer, None)  # the CLIP attached, with its fingerprint
+    checkpointer.save(1, frozen.without_reference(state), None, force=True)
+    other = dict(state.extra, **{frozen.FINGERPRINT_KEY: jax.numpy.zeros_like(state.extra[frozen.FINGERPRINT_KEY])})
+    checkpointer.save(2, frozen.without_reference(state.replace(extra=other)), None, force=True)
+    checkpointer.close()
+    (workdir / "config.json").write_text(vlp_config.to_json(config))
+    _, step, restored = restore_run(workdir, step=1)
+    want = jax.device_get(state.extra[frozen.REFERENCE_KEY])
+    got = jax.device_get(exp.objective.eval_params(restored.params, restored.extra)["clip"])
+    assert step == 1 and jax.tree.all(jax.tree.map(np.array_equal, got, want))
+    with pytest.raises(frozen.ReferenceMismatchError, match=r"is not the reference model this run was trained"):
+        restore_run(workdir, step=2)
