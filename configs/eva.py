@@ -2,14 +2,16 @@
 
 Paper values [code]: BEiT block masks, 105 of 256 patches (~40%), min 16 patches per block; teacher = OpenAI CLIP
 ViT-L/14 patch tokens after `ln_post` and `@ proj` (the image-text aligned space); AdamW (0.9, 0.98), lr 1e-3, wd
-0.05, clip-grad 3. Here the teacher is any vlp run with patch tokens and the same patch grid, named by
-`mim.teacher_workdir` (required to start), e.g. a `configs/clip.py:tiny` run for `tiny` (32 px, patch 8: a 4x4 grid,
-so blocks of min 2 patches). Targets: `mim.teacher_features="aligned"` (default, as EVA: ln_post then the image
-projection, needs a clip/siglip/align teacher) or `"patch_tokens"` (ln_post tokens before the projection).
-At the first start the teacher's config is recorded in the run's config.json (`mim.teacher_config`) and its params
-go into the run's checkpoints: resuming (from the run's config.json), `tools/eval.py` and `tools/export.py` need
-no teacher workdir. Evaluated with the dense probe (no text tower).
-Usage: `--config=configs/eva.py:tiny,mim.teacher_workdir=runs/clip`.
+0.05, clip-grad 3. Here the teacher is the run's frozen reference model (`reference.path`, required to start, and
+`reference.format`: a vlp workdir, the default, or a safetensors, hf or open_clip export, e.g. an HF or open_clip
+CLIP) with patch tokens and the same patch grid, e.g. a `configs/clip.py:tiny` run for `tiny` (32 px, patch 8: a
+4x4 grid, so blocks of min 2 patches). Targets: `mim.teacher_features="aligned"` (default, as EVA: ln_post then the
+image projection, needs a clip/siglip/align teacher) or `"patch_tokens"` (ln_post tokens before the projection).
+The teacher is loaded at every start and is not in the run's checkpoints (they keep its fingerprint: a resume needs
+the same teacher at reference.path); its config is recorded in the run's config.json (`reference.config`), so
+`tools/eval.py` and `tools/export.py` need no teacher. Evaluated with the dense probe (no text tower).
+Usage: `--config=configs/eva.py:tiny,reference.path=runs/clip` (a vlp workdir; an export:
+`reference.format=hf,reference.path=exports/clip_hf`).
 """
 
 from vlp import config as vlp_config

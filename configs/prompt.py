@@ -2,14 +2,16 @@
 names for a frozen CLIP, trained with cross-entropy over the classes on K labelled shots per class.
 
 Variants:
-- `tiny`: the frozen CLIP of configs/clip.py:tiny (`prompt.clip_workdir`, default runs/clip), M = 4 context vectors
+- `tiny`: the frozen CLIP of configs/clip.py:tiny (`reference.path`, default runs/clip), M = 4 context vectors
   (its text tower holds 12 tokens: 4 context + up to 7 name pieces + eos), trained on the 16-shot shapes set that
   `python tools/few_shot.py --out=data/shapes_16shot --shots=16` writes (1, 4: other --shots and the mixture path);
   evaluated by zero-shot on shapes validation with the learned context before the bare class name.
-- `B/16`: CoOp's recipe for a ViT-B/16 CLIP (`prompt.clip_workdir`): M = 16 random-initialised unified context
+- `B/16`: CoOp's recipe for a ViT-B/16 CLIP (`reference.format/path`): M = 16 random-initialised unified context
   vectors (CoOp: N(0, 0.02)), batch 32, 200 epochs at 16 shots (50 at 1 shot), lr 0.002 cosine, 1 warmup epoch.
   CoOp uses SGD; vlp's optimizer is AdamW, so its lr here is scaled down (AdamW steps are ~lr per element).
-Usage: `--config=configs/prompt.py:tiny,prompt.clip_workdir=runs/clip`.
+The frozen CLIP is the run's reference model (`reference.format/path`: a vlp workdir, or a safetensors, hf or
+open_clip export): loaded at every start and by tools/eval.py, never checkpointed (a fingerprint checks it is the same).
+Usage: `--config=configs/prompt.py:tiny,reference.path=runs/clip` (an HF CLIP: `reference.format=hf,reference.path=..`).
 """
 
 from vlp import config as vlp_config
@@ -25,7 +27,8 @@ def get_config(arg: str | None = None):
                                  templates="name"))
     c.optim.update(weight_decay=0.0, grad_clip_norm=0.0)
     if variant == "tiny":
-        c.prompt.update(clip_workdir="runs/clip", num_context=4)
+        c.reference.path = "runs/clip"
+        c.prompt.num_context = 4
         c.total_steps = 200
         c.batch_size = 64
         c.data.image_size = 32

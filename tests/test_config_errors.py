@@ -41,6 +41,32 @@ def test_a_method_config_that_adds_a_key_fails_at_load(tmp_path):
         vlp_config.load_config_file(str(path))
 
 
+@pytest.mark.parametrize("key", sorted(vlp_config.MOVED_KEYS))
+def test_a_moved_key_says_where_it_went(key):
+    # EVA's teacher and the prompt objective's CLIP became the run's reference model (config.reference).
+    message = rf"the config override sets '{re.escape(key)}', which no longer exists: .* set reference.path .* and " \
+              r"reference.format \(one of \('vlp', 'safetensors', 'hf', 'open_clip'\)"
+    with pytest.raises(KeyError, match=message):
+        tiny_config(**{key: "runs/clip"})
+
+
+def test_a_moved_key_on_the_command_line_says_where_it_went():
+    from vlp.train.__main__ import moved_flag_error
+
+    argv = ["vlp.train", "--config=configs/eva.py:tiny", "--config.mim.teacher_workdir=runs/clip", "--workdir=x"]
+    assert re.match(r"vlp: the command line sets 'mim.teacher_workdir', which no longer exists: .*reference.path",
+                    moved_flag_error(argv))
+    assert moved_flag_error(["vlp.train", "--config.reference.path=runs/clip", "--config.mim.mask_ratio=0.4"]) is None
+
+
+def test_a_saved_config_that_set_a_moved_key_fails_unless_it_was_unset():
+    with pytest.raises(KeyError, match=r"the saved config sets 'mim.teacher_workdir', which no longer exists: "
+                                       r"EVA's teacher moved: .*reference.path"):
+        vlp_config.from_dict({"mim": {"teacher_workdir": "runs/clip"}})
+    # Every config.json written before the move holds the key, empty: those still load.
+    assert vlp_config.from_dict({"mim": {"teacher_workdir": "", "teacher_config": ""}}).objective == "clip"
+
+
 def test_unknown_variant():
     with pytest.raises(ValueError, match=r"unknown config variant 'huge'.*tiny"):
         vlp_config.load_config_file(str(REPO / "configs" / "clip.py") + ":huge")
@@ -158,6 +184,9 @@ BAD_CONFIGS = {
         r"clip_distill.kind='mse'; valid: \('kl', 'cosine'\)"),
     "modx_negative_alpha": ({"objective": "modx", "modx.alpha": "-1"}, r"modx.alpha=-1.0 must be >= 0"),
     "reference_unknown_format": ({"reference.format": "onnx"}, r"reference.format='onnx'; valid: \('vlp', "),
+    "prompt_without_reference": (
+        {"objective": "prompt"}, r"objective 'prompt' needs a frozen reference model: set reference.path \(and "
+                                 r"reference.format, one of \('vlp', 'safetensors', 'hf', 'open_clip'\)\)"),
     "reference_missing_workdir": (
         {"reference.path": "/nonexistent/teacher"}, r"reference.path='/nonexistent/teacher' is not a directory"),
     "shapes_class_range_out_of_bounds": (

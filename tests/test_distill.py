@@ -193,6 +193,28 @@ def test_sharded_step_equals_single_device(single_device, teacher):
         assert diff <= 1e-5 * max(np.linalg.norm(g1), 1e-3 * total), (jax.tree_util.keystr(path), diff)
 
 
+def test_patch_dropout_drops_the_students_patches_and_never_the_references(single_device):
+    config, batch, (*_, params) = single_device
+    exp = trainer.build_experiment(tiny_config(**{
+        "objective": "clip_distill", "reference.path": config.reference.path, "model.image.patch_dropout": 0.5}))
+    objective = exp.objective
+    dropped = objective.add_step_inputs(batch, jax.random.key(3), patch_dropout=True)
+    assert dropped["patch_keep"].shape == (len(batch["image"]), 8)  # 8 of the 16 patches
+    extra = {frozen.REFERENCE_KEY: params}  # the teacher = the student
+
+    def outputs(full, dropped):  # one compilation for everything the test reads
+        def term(b):
+            return objective.loss_fn_with_extra(params, extra, b, jax.random.key(0), jnp.int32(0))[1][0]["loss_distill"]
+        return (term(full), term(dropped), objective.reference_embed(extra, dropped)["image_emb"],
+                objective.embed(params, full)["image_emb"])
+
+    with exp.context():  # the sharded contrastive loss runs under the run's mesh
+        full_term, dropped_term, reference, student_full = jax.jit(outputs)(batch, dropped)
+    assert abs(float(full_term)) < 1e-6  # no dropout: the student is the teacher
+    assert float(dropped_term) > 1e-4  # the student sees half the patches, the teacher all of them
+    np.testing.assert_allclose(np.asarray(reference), np.asarray(student_full), rtol=1e-6, atol=1e-7)
+
+
 def test_cosine_kind_needs_the_teachers_embed_dim(teacher):
     config = tiny_config(**{"objective": "clip_distill", "reference.path": str(teacher), "clip_distill.kind": "cosine",
                             "model.embed_dim": 16})

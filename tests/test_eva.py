@@ -1,6 +1,8 @@
 """EVA: the targets are the teacher's patch tokens in CLIP's aligned space (ln_post, then the image projection), the
-loss starts near 0 and the teacher gets no gradient; the teacher is restored sharded like the student; a run
-resumes, is evaluated and exported after its teacher workdir is deleted; 2 processes train like 1."""
+loss starts near 0 and the teacher gets no gradient; the teacher is the run's reference model (config.reference),
+loaded sharded like the student; the checkpoints leave it out (its fingerprint only), a resume from the saved config
+reloads it (tests/test_mim_resume.py: exactly as an uninterrupted run), and the run is evaluated and exported after
+the teacher is deleted; patch dropout is rejected; 2 processes train like 1."""
 
 import json
 import shutil
@@ -16,7 +18,7 @@ from test_distributed import LAUNCHER, clean_env, compile_cache, run, train_loss
 
 from vlp import config as vlp_config
 from vlp.parallel import sharding
-from vlp.train import trainer
+from vlp.train import frozen, trainer
 from vlp.train.checkpoint import Checkpointer
 from vlp.train.metrics import read_jsonl
 
@@ -50,7 +52,7 @@ def teacher_workdir(tmp_path_factory) -> Path:
 
 def eva_config(teacher: Path | str, **updates):
     config = vlp_config.load_config_file(str(REPO / "configs" / "eva.py") + ":tiny")
-    overrides = {**SHRINK, "total_steps": 4, "mim.teacher_workdir": str(teacher), **updates}
+    overrides = {**SHRINK, "total_steps": 4, "reference.path": str(teacher), **updates}
     vlp_config.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
     return config
 
@@ -80,7 +82,7 @@ def numpy_layer_norm(x, scale, bias, eps):
 def test_aligned_target_is_ln_post_patch_tokens_through_the_projection(eva_start, teacher_workdir):
     exp, state = eva_start
     teacher = exp.objective.teacher
-    params = jax.device_get(state.extra["teacher"])
+    params = jax.device_get(state.extra[frozen.REFERENCE_KEY])
     images = np.asarray(jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1))
     # Independent reference: the encoder's output tokens (before ln_post), captured from the teacher's ViT.
     _, captured = teacher.model.apply({"params": params}, images, method="encode_image", capture_intermediates=True,
@@ -105,7 +107,7 @@ def test_teacher_restored_sharded_like_the_student_and_gets_no_gradient(teacher_
     checkpointer = Checkpointer(Path(teacher_workdir).parent / "eva_empty_fsdp", max_to_keep=1, async_save=False)
     _, state = trainer._initial_state(exp, checkpointer, None)
     checkpointer.close()
-    restored = state.extra["teacher"]
+    restored = state.extra[frozen.REFERENCE_KEY]
     want = teacher_params(teacher_workdir)
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), restored, want))
     kernel = restored["image"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
@@ -115,45 +117,35 @@ def test_teacher_restored_sharded_like_the_student_and_gets_no_gradient(teacher_
     batch = next(trainer.make_train_iterator(config, exp.objective))
     with exp.context():
         batch = sharding.host_to_global(batch, exp.mesh)
-        grad_fn = jax.jit(jax.grad(exp.objective.loss_fn_with_extra, argnums=(0, 1), has_aux=True))
-        (grads_student, grads_teacher), _ = grad_fn(state.params, state.extra, batch, jax.random.key(0), jnp.int32(0))
-        loss = exp.objective.loss_fn_with_extra(state.params, state.extra, batch, jax.random.key(0), 0)[0]
+
+        def loss_fn(params, teacher, extra):  # the teacher as an argument of its own (the fingerprint is integer)
+            extra = dict(extra, **{frozen.REFERENCE_KEY: teacher})
+            return exp.objective.loss_fn_with_extra(params, extra, batch, jax.random.key(0), jnp.int32(0))[0]
+
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+        loss, (grads_student, grads_teacher) = grad_fn(state.params, state.extra[frozen.REFERENCE_KEY], state.extra)
     assert -1.0 < float(loss) and abs(float(loss)) < 0.2
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_teacher)) == 0.0
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_student)) > 0.0
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, teacher_workdir):
-    workdir = tmp_path_factory.mktemp("eva_uninterrupted")
-    trainer.train_and_evaluate(eva_config(teacher_workdir, total_steps=6, **{"evals.dense.num_examples": 16}),
-                               workdir)
-    return workdir
-
-
-def test_resume_eval_and_export_without_the_teacher_workdir(tmp_path, teacher_workdir, uninterrupted):
+def test_resume_reloads_the_teacher_and_eval_and_export_need_none(tmp_path, teacher_workdir):
     teacher = shutil.copytree(teacher_workdir, tmp_path / "teacher")
     run_dir = tmp_path / "eva"
     trainer.train_and_evaluate(eva_config(teacher), run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
-    assert json.loads(saved["mim"]["teacher_config"])["objective"] == "clip"
-    shutil.rmtree(teacher)
-    # The teacher's params stayed unchanged in the run's checkpoints.
-    config = vlp_config.load_json(run_dir / "config.json")
-    exp = trainer.build_experiment(config)
-    _, state = Checkpointer(run_dir / "checkpoints", max_to_keep=3, async_save=False).restore(exp.abstract_state)
-    want = teacher_params(teacher_workdir)
-    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), state.extra["teacher"], want))
-    # (a) extend the run from its saved config (as `--config=configs/workdir.py:<workdir>` does): the later losses
-    # are the uninterrupted run's.
+    assert json.loads(saved["reference"]["config"])["objective"] == "clip"
+    # The checkpoints hold the teacher's fingerprint only, not its params.
+    reader = Checkpointer(run_dir / "checkpoints", max_to_keep=3, async_save=False)._params_reader
+    assert set(reader.metadata(run_dir / "checkpoints" / "4" / "state").tree["extra"]) == {frozen.FINGERPRINT_KEY}
+    # (a) extend the run from its saved config (as `--config=configs/workdir.py:<workdir>` does): the teacher is
+    # loaded again from the recorded reference.path (tests/test_mim_resume.py checks the losses equal an
+    # uninterrupted run's).
     config = vlp_config.load_config_file(f"{REPO / 'configs' / 'workdir.py'}:{run_dir},total_steps=6")
     final = trainer.train_and_evaluate(config, run_dir)
-    assert final["resumed_from_step"] == 4
-    got, expected = train_losses(run_dir), train_losses(uninterrupted)
-    assert sorted(got) == sorted(expected) == list(range(1, 7))
-    for step in expected:
-        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
-    # (b) the tools need only the run's workdir.
+    assert final["resumed_from_step"] == 4 and sorted(train_losses(run_dir)) == list(range(1, 7))
+    # (b) the tools need only the run's workdir (the student's params).
+    shutil.rmtree(teacher)
     sys.path.insert(0, str(REPO / "tools"))
     import eval as eval_tool
     import export as export_tool
@@ -164,10 +156,11 @@ def test_resume_eval_and_export_without_the_teacher_workdir(tmp_path, teacher_wo
     assert weights.is_file()
 
 
-def test_a_new_run_without_its_teacher_says_what_is_missing(tmp_path, teacher_workdir):
-    config = eva_config(tmp_path / "gone")
-    with pytest.raises(ValueError, match=r"mim.teacher_workdir='.*gone' is not a directory"):
-        trainer.build_experiment(config)
+def test_a_run_without_its_teacher_says_what_is_missing(tmp_path, teacher_workdir):
+    with pytest.raises(ValueError, match=r"reference.path='.*gone' is not a directory"):
+        trainer.build_experiment(eva_config(tmp_path / "gone"))
+    with pytest.raises(ValueError, match=r"objective 'eva' needs a frozen reference model: set reference.path"):
+        trainer.build_experiment(eva_config(""))
 
 
 EVA_ARGS = [
@@ -181,7 +174,7 @@ EVA_ARGS = [
 
 
 def test_two_processes_train_eva_like_one_process(tmp_path, teacher_workdir, compile_cache):
-    args = [*EVA_ARGS, f"--config.mim.teacher_workdir={teacher_workdir}"]
+    args = [*EVA_ARGS, f"--config.reference.path={teacher_workdir}"]
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable, "-m", "vlp.train", f"--workdir={one}", *args], clean_env(compile_cache, 4), 240)
     run(["bash", str(LAUNCHER), "2", f"--workdir={two}", *args], clean_env(compile_cache, 2), 240)
@@ -190,6 +183,12 @@ def test_two_processes_train_eva_like_one_process(tmp_path, teacher_workdir, com
     for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
     assert [r for r in read_jsonl(two / "metrics.jsonl") if "dense_miou" in r]
+
+
+def test_patch_dropout_is_rejected(teacher_workdir):
+    # EVA's student reads masked patch grids (the mask is the method); FLIP patch dropout is for two-tower students.
+    with pytest.raises(ValueError, match=r"model.image.patch_dropout=0.5 is not supported by objective 'eva'"):
+        trainer.build_experiment(eva_config(teacher_workdir, **{"model.image.patch_dropout": 0.5}))
 
 
 def test_an_unknown_target_space_is_rejected(teacher_workdir):

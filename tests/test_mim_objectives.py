@@ -54,7 +54,7 @@ def rel_diff(a, b):
 
 
 def run_step(name, mesh_shape, num_devices, teacher, batch=None, initial=None):
-    updates = {"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices, "mim.teacher_workdir": teacher}
+    updates = {"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices, "reference.path": teacher}
     exp = build_experiment(mim_config(name, **updates))
     if batch is None:
         batch = next(make_train_iterator(exp.config, exp.objective))

@@ -11,6 +11,7 @@ from conftest import REPO, tiny_config
 from vlp import config as vlp_config
 from vlp.data import few_shot, shapes
 from vlp.objectives.prompt import PromptObjective
+from vlp.train import frozen
 
 PREFIX = "a small"  # two pieces of the bundled shapes tokenizer
 
@@ -18,7 +19,7 @@ PREFIX = "a small"  # two pieces of the bundled shapes tokenizer
 def prompt_config(**updates):
     config = vlp_config.load_config_file(str(REPO / "configs" / "prompt.py") + ":tiny")
     clip = tiny_config()  # the frozen CLIP: 32 wide, max_text_len 12
-    config.prompt.clip_config = vlp_config.to_json(clip)
+    config.reference.config = vlp_config.to_json(clip)
     config.prompt.update(num_context=2, context_init=PREFIX)
     config.data.max_text_len = 10
     config.data.mixture = ()
@@ -36,7 +37,7 @@ def setup():
     rng = np.random.RandomState(0)
     images = rng.randn(12, 32, 32, 3).astype(np.float32)
     labels = rng.randint(0, 64, size=12).astype(np.int32)
-    return obj, params, {"clip": clip}, {"image": images, "text": np.zeros((12, 10), np.int32), "label": labels}
+    return obj, params, {frozen.REFERENCE_KEY: clip}, {"image": images, "text": np.zeros((12, 10), np.int32), "label": labels}
 
 
 def test_context_initialised_to_a_prefix_gives_the_hand_written_logits(setup):
@@ -49,7 +50,7 @@ def test_context_initialised_to_a_prefix_gives_the_hand_written_logits(setup):
     np.testing.assert_array_equal(joint, split)
     encode = jax.jit(obj.encode_text)
     learned = np.asarray(encode(obj.eval_params(params, extra), jnp.asarray(obj.class_tokens)))
-    hand = np.asarray(jax.jit(obj.clip.encode_text)(extra["clip"], jnp.asarray(joint)))
+    hand = np.asarray(jax.jit(obj.clip.encode_text)(extra[frozen.REFERENCE_KEY], jnp.asarray(joint)))
     np.testing.assert_allclose(learned, hand, atol=2e-6)
     # A context moved off the prefix is no longer that prompt (a random move: pre-LN towers ignore a constant shift).
     moved = {"context_delta": params["context_delta"] + jax.random.normal(jax.random.key(2), (2, 32))}
@@ -63,7 +64,7 @@ def test_loss_matches_numpy(setup):
     full = obj.eval_params(params, extra)
     img = np.asarray(jax.jit(obj.encode_image)(full, batch["image"]), np.float64)
     cls = np.asarray(jax.jit(obj.encode_text)(full, jnp.asarray(obj.class_tokens)), np.float64)
-    scale = float(np.exp(np.asarray(extra["clip"]["log_logit_scale"])))
+    scale = float(np.exp(np.asarray(extra[frozen.REFERENCE_KEY]["log_logit_scale"])))
     logits = scale * img @ cls.T
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     want = np.mean(lse - logits[np.arange(len(batch["label"])), batch["label"]])

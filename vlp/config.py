@@ -109,11 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
         masked_image_fraction=1.0,  # share of images that get a mask (iBOT/DINOv2: 0.5); the others none
         norm_pix=True,  # MAE: per-patch normalised pixel targets
         decoder_width=64, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=256,  # MAE's light decoder
-        teacher_workdir="",  # EVA: a vlp workdir whose image tower (frozen) gives the target features
-        # EVA's target space: aligned (the teacher's patch tokens after ln_post and the image projection, CLIP's
-        # image-text space, as EVA) | patch_tokens (the same tokens before the projection)
+        # EVA's target space (its frozen teacher is the run's reference model: reference.format/path): aligned (the
+        # teacher's patch tokens after ln_post and the image projection, CLIP's image-text space, as EVA) |
+        # patch_tokens (the same tokens before the projection)
         teacher_features="aligned",
-        teacher_config="",  # EVA: the teacher's config.json (JSON text), recorded at the first start; do not set
     )
     # DINO/iBOT self-distillation with an EMA teacher (tips). Defaults follow DINOv2 (methods.md section 5) except K.
     c.distill = dict(
@@ -160,10 +159,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Params that start a fresh run (fine-tuning, LiT): format vlp (a workdir or its checkpoints/; its newest
     # params), safetensors (vlp's export), hf (a CLIPModel / SiglipModel folder) or open_clip (a state dict file).
     c.init_from = dict(format="vlp", path="")
-    # A frozen reference model (distillation teacher, Mod-X's previous phase) for objectives that read one
-    # (vlp.train.frozen.Reference): loaded onto the mesh like the student, never trained, never checkpointed (a resume
-    # reloads it and checks its fingerprint). Formats as init_from's. `config` is recorded at the first start (the
-    # reference's own resolved config, JSON), so evaluating or exporting the run never needs the reference.
+    # A frozen reference model (distillation teacher, Mod-X's previous phase, EVA's teacher, the prompt objective's
+    # CLIP) for objectives that read one (vlp.train.frozen.Reference): loaded onto the mesh like the student, never
+    # trained, never checkpointed (a resume reloads it and checks its fingerprint). Formats as init_from's. `config`
+    # is recorded at the first start (the reference's own resolved config, JSON), so evaluating or exporting the run
+    # never needs the reference (except the prompt objective's evaluation, which encodes with it).
     c.reference = dict(format="vlp", path="", config="")
     # Resuming a workdir whose saved config.json differs in a key that changes the training stream (the list is
     # vlp.train.workdir.DATA_STREAM_KEYS: batch size, seed, sources, image size, tokenizer, masks, ...) is refused,
@@ -238,6 +238,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         parts = dotted.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                if moved := moved_key_error(dotted, "the config override"):
+                    raise moved
                 where = ".".join(parts[:i]) or "<top level>"
                 valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 raise KeyError(f"unknown config key {dotted!r}: {part!r} is not in {where}; valid keys there: "
@@ -330,6 +332,25 @@ def _check_data_sources(data: ml_collections.ConfigDict) -> None:
 
 
 INIT_FROM_FORMATS = ("vlp", "safetensors", "hf", "open_clip")
+
+# Keys that were removed because what they set moved elsewhere: a config (file, override or saved config.json) that
+# still sets one fails with the way to say it now, instead of an unknown-key list.
+_TO_REFERENCE = ("the frozen model is now the run's reference model: set reference.path (a vlp workdir, or an export "
+                 "folder/file) and reference.format (one of " + str(INIT_FROM_FORMATS) + "; 'vlp' for a workdir)")
+MOVED_KEYS = {
+    "mim.teacher_workdir": "EVA's teacher moved: " + _TO_REFERENCE,
+    "mim.teacher_config": "EVA's teacher moved: " + _TO_REFERENCE + "; its config is recorded as reference.config",
+    "prompt.clip_workdir": "the prompt objective's frozen CLIP moved: " + _TO_REFERENCE,
+    "prompt.clip_config": ("the prompt objective's frozen CLIP moved: " + _TO_REFERENCE
+                           + "; its config is recorded as reference.config"),
+}
+
+
+def moved_key_error(dotted: str, where: str) -> KeyError | None:
+    """The error for a removed key `dotted` that a config still sets (None if the key was not moved)."""
+    if dotted not in MOVED_KEYS:
+        return None
+    return KeyError(f"{where} sets {dotted!r}, which no longer exists: {MOVED_KEYS[dotted]}")
 
 
 def _check_init_from(init_from: ml_collections.ConfigDict, name: str = "init_from") -> None:
@@ -515,11 +536,6 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
     _check(mim.decoder_width % mim.decoder_heads == 0 and mim.decoder_width % 4 == 0,
            f"mim.decoder_width={mim.decoder_width} must be divisible by 4 and by mim.decoder_heads="
            f"{mim.decoder_heads}")
-    # A started EVA run keeps its teacher (config.json: mim.teacher_config, params: its checkpoints): the teacher
-    # workdir may be gone when it resumes, or is evaluated or exported.
-    _check(not mim.teacher_workdir or mim.teacher_config or epath.Path(mim.teacher_workdir).is_dir(),
-           f"mim.teacher_workdir={mim.teacher_workdir!r} is not a directory; give a vlp workdir (an EVA run that "
-           f"has started keeps its teacher: resume it with --config=configs/workdir.py:<its workdir>)")
     _check(mim.teacher_features in ("aligned", "patch_tokens"),
            f"mim.teacher_features={mim.teacher_features!r}; valid: ('aligned', 'patch_tokens')")
     for key in ("num_prototypes", "head_hidden", "head_bottleneck", "head_layers"):
@@ -531,12 +547,6 @@ def _validate_mim(config: ml_collections.ConfigDict) -> None:
         _check(0 <= distill[key] <= 1, f"distill.{key}={distill[key]} must be in [0, 1]")
     _check(config.tips.contrastive_view in ("masked", "unmasked"),
            f"tips.contrastive_view={config.tips.contrastive_view!r}; valid: ('masked', 'unmasked')")
-    if config.objective == "eva":
-        _check(bool(mim.teacher_config) or (bool(mim.teacher_workdir)
-                                             and (epath.Path(mim.teacher_workdir) / "config.json").is_file()),
-               f"objective='eva' needs mim.teacher_workdir (a vlp workdir with config.json and checkpoints whose "
-               f"image tower gives the regression targets, e.g. a configs/clip.py:tiny run); got "
-               f"{mim.teacher_workdir!r}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -580,6 +590,10 @@ def _update_locked(config: ml_collections.ConfigDict, values: dict, prefix: str 
         if not prefix and key == "init_from" and isinstance(value, str):  # configs saved before init_from.format
             value = {"format": "vlp", "path": value}
         if key not in config:
+            if prefix + key in MOVED_KEYS and value in ("", None):  # saved before the move, unset: nothing moves
+                continue
+            if moved := moved_key_error(prefix + key, "the saved config"):
+                raise moved
             raise KeyError(f"unknown config key {prefix + key!r} in the saved config; valid: {sorted(config.keys())}")
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
             if key == "evals":  # evaluator entries are free-form: replace them whole
@@ -618,6 +632,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
     unknown = unknown_keys(config, base_config())
+    for key in unknown:
+        if moved := moved_key_error(key, f"config file {path!r}"):
+            raise moved
     if unknown:
         raise KeyError(f"config file {path!r} sets keys that base_config() does not have: {unknown}; a method config "
                        f"may only change existing keys (see vlp/config.py:base_config), or the key was renamed")

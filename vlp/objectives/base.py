@@ -60,6 +60,9 @@ class Objective(abc.ABC):
     # into their extra state; the trainer loads it there at every start and keeps it out of checkpoints, so the
     # loss reads it as extra[frozen.REFERENCE_KEY].
     reference: Any = None
+    # True where evaluation needs the reference too (the prompt objective's frozen CLIP encodes what is evaluated):
+    # the tools then load it (and check its fingerprint) beside the run's params.
+    eval_reads_reference: bool = False
 
     # Objectives with state outside the optimizer (EMA teacher, centres) override the three hooks below; the trainer
     # then calls `loss_fn_with_extra` instead of `loss_fn` and stores `update_extra`'s result in TrainState.extra.

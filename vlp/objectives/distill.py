@@ -35,7 +35,9 @@ class ReferenceTwoTowerObjective(TwoTowerObjective):
     extra[frozen.REFERENCE_KEY]. Subclasses define `reference_term`."""
 
     has_extra = True
-    supports_patch_dropout = False  # the reference sees the same images as the student
+    # FLIP patch dropout (model.image.patch_dropout) drops the student's patches only: `reference_embed` passes the
+    # reference the whole images (a frozen model gains nothing from it, and its targets stay those of the full image).
+    supports_patch_dropout = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -56,7 +58,8 @@ class ReferenceTwoTowerObjective(TwoTowerObjective):
         return self.reference.init_extra()
 
     def reference_embed(self, extra: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """The frozen reference's image_emb, text_emb [B, D_ref] and logit_scale on the student's batch."""
+        """The frozen reference's image_emb, text_emb [B, D_ref] and logit_scale on the student's batch (whole
+        images: never the student's `patch_keep`)."""
         params = jax.lax.stop_gradient(extra[frozen.REFERENCE_KEY])
         out = self.reference.objective.embed(params, {"image": batch["image"], "text": batch["text"]})
         return jax.lax.stop_gradient(out)

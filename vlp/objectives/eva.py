@@ -8,23 +8,21 @@ teacher's patch tokens, CLS dropped, after its final LayerNorm (`ln_post`) and t
 projection ([B, N, width]). The teacher is any vlp run with patch tokens and the same patch grid (e.g.
 `configs/clip.py:tiny`); "aligned" needs a two-tower teacher (clip, siglip, align).
 
-Where the teacher comes from: `mim.teacher_workdir` names its workdir. At the first start its config.json is copied
-into this run's config (`mim.teacher_config`, so it lands in `<workdir>/config.json`), and its newest checkpoint's
-params are restored onto this run's mesh, sharded like the student (`vlp.train.frozen`), into TrainState.extra,
-which is checkpointed with the run. Resuming, evaluating or exporting the run therefore needs only the run's own
-workdir (the config.json holds the teacher's config, the checkpoints its params); the teacher workdir is read only
-when a run starts from step 0.
+Where the teacher comes from: it is the run's frozen reference model (`reference.format/path`: a vlp workdir, or a
+safetensors, hf or open_clip export; `vlp.train.frozen.Reference`, as distillation's teacher). It is loaded onto the
+run's mesh sharded like the student at every start, holds no optimizer state and is not written into the
+checkpoints, which keep its fingerprint instead: a resume reloads it from `reference.path` and refuses a changed
+one. Its resolved config is recorded as `reference.config` in the run's config.json, so evaluating or exporting the
+run (the student's params only) needs no teacher.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from vlp import config as vlp_config
 from vlp.losses.mim import eva_cosine
 from vlp.models import flops
 from vlp.models.masked import SimMim
@@ -39,17 +37,6 @@ from vlp.train import frozen
 TEACHER_FEATURES = {"aligned": "encode_aligned_patches", "patch_tokens": "encode_patches"}
 
 
-def teacher_config(mim: Any) -> Any:
-    """The teacher's resolved config: `mim.teacher_config` (recorded at the run's first start), else
-    `<mim.teacher_workdir>/config.json`."""
-    return frozen.recorded_or_workdir_config(
-        mim.teacher_config, mim.teacher_workdir,
-        f"objective='eva' needs its teacher's config: mim.teacher_config is empty and mim.teacher_workdir="
-        f"{mim.teacher_workdir!r} has no config.json. A new run needs mim.teacher_workdir (a vlp workdir with "
-        f"config.json and checkpoints, e.g. a configs/clip.py:tiny run); a started run records the teacher's "
-        f"config as mim.teacher_config in its own <workdir>/config.json (resume from that config)")
-
-
 @register("eva")
 class EvaObjective(ImageOnlyObjective):
     """loss = -mean_{p in M} cos(W h_p, f_p), f = the frozen teacher's features of the unmasked image."""
@@ -59,28 +46,27 @@ class EvaObjective(ImageOnlyObjective):
     def __init__(self, config):
         super().__init__(config)
         mim = config.mim
-        teacher_cfg = teacher_config(mim)
-        self.teacher = frozen.build_objective(teacher_cfg)
-        if not mim.teacher_config:  # recorded in the run's config.json: a resume, eval or export reads it there
-            config.mim.teacher_config = vlp_config.to_json(teacher_cfg)
+        self.reference = frozen.Reference(config)
+        self.teacher, teacher_cfg = self.reference.objective, self.reference.config
+        source = f"the teacher (reference.path={config.reference.path!r}, format {config.reference.format!r})"
         if mim.teacher_features not in TEACHER_FEATURES:
             raise ValueError(f"invalid config: mim.teacher_features={mim.teacher_features!r}; valid: "
                              f"{tuple(TEACHER_FEATURES)}")
         method = TEACHER_FEATURES[mim.teacher_features]
         if not hasattr(self.teacher, method):
             raise ValueError(f"invalid config: mim.teacher_features={mim.teacher_features!r} needs a teacher with "
-                             f"{method}; the teacher's objective {teacher_cfg.objective!r} has none (use a clip, "
-                             f"siglip or align teacher, or mim.teacher_features='patch_tokens')")
+                             f"{method}; {source} is objective {teacher_cfg.objective!r}, which has none (use a "
+                             f"clip, siglip or align teacher, or mim.teacher_features='patch_tokens')")
         self.teacher_features = getattr(self.teacher, method)
         self.teacher_image = image_tower_kwargs(teacher_cfg.model)
         teacher_grid = teacher_cfg.data.image_size // self.teacher_image["patch_size"]
         if teacher_cfg.data.image_size != config.data.image_size or teacher_grid != self.grid[0]:
-            raise ValueError(f"invalid config: the teacher in mim.teacher_workdir={mim.teacher_workdir!r} "
-                             f"reads {teacher_cfg.data.image_size} px images as a {teacher_grid}x{teacher_grid} "
-                             f"patch grid, the student {config.data.image_size} px as {self.grid[0]}x{self.grid[1]}; "
+            raise ValueError(f"invalid config: {source} reads {teacher_cfg.data.image_size} px images as a "
+                             f"{teacher_grid}x{teacher_grid} patch grid, the student {config.data.image_size} px as "
+                             f"{self.grid[0]}x{self.grid[1]}; "
                              f"use the teacher's data.image_size and a patch size giving the same grid")
-        self._teacher_shapes = jax.eval_shape(self.teacher.init, jax.random.key(0))  # boxed: logical names
-        features = jax.eval_shape(self.teacher_features, sharding.strip_boxes(self._teacher_shapes),
+        teacher_shapes = sharding.strip_boxes(jax.eval_shape(self.teacher.init, jax.random.key(0)))
+        features = jax.eval_shape(self.teacher_features, teacher_shapes,
                                   np.zeros((1, *self.image_shape), np.float32))
         self.model = SimMim(self.image_kwargs, out_dim=int(features.shape[-1]),
                             dtype=resolve_compute_dtype(config.precision.compute_dtype))
@@ -95,25 +81,18 @@ class EvaObjective(ImageOnlyObjective):
         return self.model.init(rng, batch["image"], batch["mim_mask"])["params"]
 
     def init_extra(self, params: Any) -> Any:
-        """A stand-in of the teacher's shapes and logical names (so it is sharded like the student); the trainer
-        replaces it with the teacher's checkpoint through `initial_extra` before the first step."""
-        return {"teacher": self.teacher.init(jax.random.key(0))}
+        """Stand-ins of the teacher (boxed: sharded like the student) and its fingerprint; the trainer loads the
+        teacher from reference.path over them at every start (`frozen.attach_reference`)."""
+        return self.reference.init_extra()
 
     def initial_extra(self, params: Any, shardings: Any) -> Any:
-        """The teacher's newest checkpoint params from `mim.teacher_workdir`, restored onto `shardings`."""
-        workdir = self.config.mim.teacher_workdir
-        if not workdir or not Path(workdir).is_dir():
-            raise FileNotFoundError(
-                f"objective='eva' starts from step 0 and needs its teacher's params: mim.teacher_workdir={workdir!r} "
-                f"is not a directory; give the vlp workdir of the teacher run (a resumed run reads the teacher "
-                f"from its own checkpoints instead)")
-        abstract = frozen.with_shardings(sharding.strip_boxes(self._teacher_shapes), shardings["teacher"])
-        _, teacher = frozen.restore_params(workdir, abstract)
-        return {"teacher": teacher}
+        """Only the fingerprint's placeholder: the trainer puts the teacher's params in next (no random teacher is
+        initialised only to be overwritten)."""
+        return self.reference.initial_extra(shardings)
 
     def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        raise NotImplementedError("EVA's loss reads the frozen teacher in TrainState.extra: the trainer calls "
-                                  "loss_fn_with_extra")
+        raise NotImplementedError("EVA's loss reads the frozen teacher (the reference model) in TrainState.extra: "
+                                  "the trainer calls loss_fn_with_extra")
 
     def targets(self, teacher_params: Any, images: jax.Array) -> jax.Array:
         """images [B, H, W, 3] -> the teacher's `mim.teacher_features` [B, N, D] (no gradient to the teacher)."""
@@ -123,7 +102,7 @@ class EvaObjective(ImageOnlyObjective):
                            step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:
         del rng, step
         pred = self.model.apply({"params": params}, batch["image"], batch["mim_mask"])
-        loss = eva_cosine(pred, self.targets(extra["teacher"], batch["image"]), batch["mim_mask"])
+        loss = eva_cosine(pred, self.targets(extra[frozen.REFERENCE_KEY], batch["image"]), batch["mim_mask"])
         return loss, ({"loss_feature_cosine": loss}, None)
 
     def update_extra(self, extra: Any, params: Any, aux: Any, step: jax.Array) -> Any:

@@ -9,15 +9,17 @@ inside the text encoder, which the zero-shot evaluator does not pass). It is par
 `prompt.context_init` names a hand-written prefix ("a photo of a": its M token embeddings from the frozen table, so
 training starts exactly at that hand-written prompt), else at N(0, 0.02^2) as CoOp's random init.
 
-The frozen CLIP comes from `prompt.clip_workdir` (a vlp two-tower run) into TrainState.extra at the first start (as
-EVA's teacher, `vlp.train.frozen`); its config is recorded as `prompt.clip_config`, so resume, evaluation and export
-need only this run's workdir. Evaluation: the objective's `encode_text` puts the learned context in front of every
+The frozen CLIP is the run's reference model (`reference.format/path`: a vlp two-tower workdir, or a safetensors, hf
+or open_clip export; `vlp.train.frozen.Reference`, as distillation's teacher): loaded onto the mesh sharded like a
+student at every start, never checkpointed (the checkpoints keep its fingerprint: a resume refuses a changed one);
+its config is recorded as `reference.config`. The learned context means nothing without that CLIP, so
+`tools/eval.py` (`vlp.train.restore.restore_run`) loads it too (`eval_reads_reference`), checking the fingerprint.
+Evaluation: the objective's `encode_text` puts the learned context in front of every
 text, so the `zeroshot` evaluator with `templates="name"` (the bare class name) is zero-shot with the learned prompt.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -26,13 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlp import config as vlp_config
 from vlp.data import sources
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
 from vlp.objectives import register
 from vlp.objectives.base import Metrics, Objective
-from vlp.parallel import sharding
 from vlp.train import frozen
 
 PLACEHOLDER_ID = 1  # token id at the context positions (never eos or pad, so pooling and masks treat them as words)
@@ -49,26 +49,16 @@ def class_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0].mean()
 
 
-def clip_config_of(block: Any) -> ml_collections.ConfigDict:
-    """The frozen CLIP's config: `prompt.clip_config` (recorded at the first start), else its workdir's."""
-    return frozen.recorded_or_workdir_config(
-        block.clip_config, block.clip_workdir,
-        f"objective='prompt' needs a frozen CLIP: prompt.clip_config is empty and prompt.clip_workdir="
-        f"{block.clip_workdir!r} has no config.json; give the workdir of a two-tower run (e.g. "
-        f"configs/clip.py:tiny)")
-
-
 @register("prompt")
 class PromptObjective(Objective):
     """CE over classes of logit_scale * cos(image, text([context; class name])) with a frozen CLIP."""
 
     has_extra = True
+    eval_reads_reference = True  # the frozen CLIP encodes the evaluated images and prompts
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
         return dict(
-            clip_workdir="",  # the frozen CLIP (a vlp workdir), read at the first start
-            clip_config="",  # recorded from clip_workdir at the first start; do not set
             num_context=4,  # M context vectors (CoOp: 16; 4 fits the shapes CLIP's 12 tokens)
             context_init="",  # a hand-written prefix whose M token embeddings start the context; "" = random
         )
@@ -82,12 +72,10 @@ class PromptObjective(Objective):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         block = config.prompt
-        clip_cfg = clip_config_of(block)
-        if not block.clip_config:
-            config.prompt.clip_config = vlp_config.to_json(clip_cfg)
-        self.clip = frozen.build_objective(clip_cfg)
+        self.reference = frozen.Reference(config)
+        self.clip, clip_cfg = self.reference.objective, self.reference.config
         if not isinstance(getattr(self.clip, "model", None), TwoTower):
-            raise ValueError(f"invalid config: prompt.clip_workdir={block.clip_workdir!r} holds a "
+            raise ValueError(f"invalid config: reference.path={config.reference.path!r} holds a "
                              f"{clip_cfg.objective!r} run; prompt learning needs a two-tower model (clip, siglip, "
                              f"align)")
         self.tokenizer = self.clip.tokenizer
@@ -111,7 +99,6 @@ class PromptObjective(Objective):
         self.width = self.clip.model.text["width"]
         self.class_names = list(sources.class_names(config.data.source))
         self.class_tokens = self.tokenizer.encode(self.class_names, text_len)  # [C, L - M]
-        self._clip_shapes = jax.eval_shape(self.clip.init, jax.random.key(0))  # boxed: logical names
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.data.image_size
@@ -126,20 +113,15 @@ class PromptObjective(Objective):
         return {"context_delta": nn.LogicallyPartitioned(delta, names=(None, "embed"))}
 
     def init_extra(self, params: Any) -> Any:
-        """A stand-in with the CLIP's shapes and logical names; `initial_extra` replaces it with its checkpoint."""
-        return {"clip": self.clip.init(jax.random.key(0))}
+        """Stand-ins of the CLIP (boxed: sharded like a student) and its fingerprint; the trainer (and tools/eval.py)
+        load the CLIP from reference.path over them (`frozen.attach_reference`)."""
+        return self.reference.init_extra()
 
     def initial_extra(self, params: Any, shardings: Any) -> Any:
-        workdir = self.config.prompt.clip_workdir
-        if not workdir or not Path(workdir).is_dir():
-            raise FileNotFoundError(f"objective='prompt' starts from step 0 and needs the frozen CLIP's params: "
-                                    f"prompt.clip_workdir={workdir!r} is not a directory")
-        abstract = frozen.with_shardings(sharding.strip_boxes(self._clip_shapes), shardings["clip"])
-        _, clip_params = frozen.restore_params(workdir, abstract)
-        return {"clip": clip_params}
+        return self.reference.initial_extra(shardings)  # the CLIP itself is loaded next, over no random init
 
     def eval_params(self, params: Any, extra: Any) -> Any:
-        return {"clip": extra["clip"], **params}
+        return {"clip": extra[frozen.REFERENCE_KEY], **params}
 
     def context(self, params: Any) -> jax.Array:
         """The M context vectors [M, width]: the hand-written prefix's token embeddings (if any) + the trained delta."""
@@ -164,13 +146,13 @@ class PromptObjective(Objective):
         return self.clip.encode_image(params["clip"], images)
 
     def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        raise NotImplementedError("prompt learning reads the frozen CLIP in TrainState.extra: the trainer calls "
-                                  "loss_fn_with_extra")
+        raise NotImplementedError("prompt learning reads the frozen CLIP (the reference model) in TrainState.extra: "
+                                  "the trainer calls loss_fn_with_extra")
 
     def loss_fn_with_extra(self, params: Any, extra: Any, batch: dict[str, jax.Array], rng: jax.Array,
                            step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:
         del rng, step
-        full = {"clip": jax.lax.stop_gradient(extra["clip"]), **params}
+        full = {"clip": jax.lax.stop_gradient(extra[frozen.REFERENCE_KEY]), **params}
         class_emb = self.encode_text(full, jnp.asarray(self.class_tokens))
         image_emb = self.encode_image(full, batch["image"])
         scale = self.clip.model.apply({"params": full["clip"]}, method=TwoTower.logit_scale)

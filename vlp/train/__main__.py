@@ -23,6 +23,19 @@ CHECKPOINT_WRITE_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written (
 # (vlp.train.watchdog.HUNG_EXIT_CODE) a step hung (the step watchdog ended the process with os._exit), requeue.
 
 
+def moved_flag_error(argv: list[str]) -> str | None:
+    """The message for a `--config.<key>=` flag whose key moved (vlp.config.MOVED_KEYS), else None: ml_collections
+    would reject it at flag parsing with a bare unknown-key error."""
+    from vlp.config import moved_key_error
+
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            error = moved_key_error(arg[len("--config."):].split("=", 1)[0], "the command line")
+            if error is not None:
+                return f"vlp: {error.args[0]}"
+    return None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,4 +63,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if moved := moved_flag_error(sys.argv):
+        sys.exit(moved)
     app.run(main)

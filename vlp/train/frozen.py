@@ -1,7 +1,7 @@
 """Frozen reference models: a model (config + params) read from a vlp workdir onto a run's mesh, sharded like the
-run's own params, with no optimizer state. EVA's teacher uses the loading functions (its teacher is checkpointed
-with the run); `Reference` (config.reference: a vlp workdir or an export) is the frozen model of distillation and
-Mod-X, never checkpointed: reloaded at every start and checked by fingerprint.
+run's own params, with no optimizer state. `Reference` (config.reference: a vlp workdir or an export) is the one
+mechanism for a frozen model beside the trained params: distillation's teacher, Mod-X's previous phase, EVA's
+teacher, the prompt objective's CLIP. It is never checkpointed: reloaded at every start and checked by fingerprint.
 
 A low layer: it reads checkpoints and configs and never imports the trainer, so objectives may call it.
 """
@@ -144,18 +144,6 @@ def _reference_files(fmt: str, path: str, step: int | None) -> tuple[epath.Path,
     return source.parent, [source, *(f for f in beside if f.is_file())]
 
 
-def recorded_or_workdir_config(recorded: str, workdir: str, missing: str) -> ml_collections.ConfigDict:
-    """A frozen model's resolved config: `recorded` (the JSON a run writes into its own config at its first start, so
-    resume, eval and export need only the run's workdir), else `<workdir>/config.json`; `missing` is the error
-    message (FileNotFoundError) when neither is there."""
-    if recorded:
-        return vlp_config.from_dict(json.loads(recorded))
-    path = epath.Path(workdir) / "config.json" if workdir else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(missing)
-    return vlp_config.load_json(path)
-
-
 def reference_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The reference model's resolved config: `reference.config` (recorded at the run's first start), else read from
     the source: a vlp workdir's config.json; an export's model description (safetensors: model_config.json; hf and
@@ -206,6 +194,11 @@ class Reference:
         replaces them with `attach_reference` before the first step."""
         return {REFERENCE_KEY: self.objective.init(jax.random.key(0)),
                 FINGERPRINT_KEY: jnp.zeros((FINGERPRINT_WORDS,), jnp.uint32)}
+
+    def initial_extra(self, shardings: Any) -> dict[str, Any]:
+        """The extra entries before `attach_reference`: a zero fingerprint on its sharding, no params (they are
+        loaded next; an objective's `initial_extra` may return this instead of initialising a random model)."""
+        return {FINGERPRINT_KEY: jax.device_put(np.zeros((FINGERPRINT_WORDS,), np.uint32), shardings[FINGERPRINT_KEY])}
 
     def load(self, shardings: Any) -> tuple[Any, str]:
         """(params placed on `shardings`, the fingerprint of the files they were read from)."""

@@ -8,7 +8,7 @@ import ml_collections
 from etils import epath
 
 from vlp.train.checkpoint import Checkpointer
-from vlp.train.frozen import without_reference
+from vlp.train.frozen import attach_reference, without_reference
 from vlp.train.trainer import Experiment, build_experiment
 from vlp.train.workdir import load_config
 
@@ -16,7 +16,8 @@ from vlp.train.workdir import load_config
 def restore_run(workdir: epath.PathLike, overrides: dict[str, str] | None = None, step: int | None = None,
                 config: ml_collections.ConfigDict | None = None) -> tuple[Experiment, int, Any]:
     """(experiment, step, TrainState) of a workdir's newest good (or the given) checkpoint. A frozen reference model
-    (config.reference) is not in checkpoints and not loaded: the tools need the run's own params only."""
+    (config.reference) is not in checkpoints and not loaded (the tools need the run's own params only), unless the
+    objective's evaluation reads it (`eval_reads_reference`): then it is loaded and its fingerprint checked."""
     workdir = epath.Path(workdir)
     config = config if config is not None else load_config(workdir, overrides)
     exp = build_experiment(config)
@@ -29,4 +30,7 @@ def restore_run(workdir: epath.PathLike, overrides: dict[str, str] | None = None
         restored_step, state = checkpointer.restore(without_reference(exp.abstract_state), None, step)
     finally:
         checkpointer.close()
+    if exp.objective.eval_reads_reference:
+        with exp.context():
+            state = attach_reference(exp.objective.reference, state, exp.state_shardings.extra, resumed=True)
     return exp, restored_step, state
