@@ -69,6 +69,11 @@ def _two_tower(objective: Any, what: str, where: str) -> TwoTowerObjective:
     return objective
 
 
+def _zeros_like_init(init: Any) -> Any:
+    """Boxed zeros with the shapes and logical names of `init(rng)`'s params (the boxes' metadata is kept)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(init, jax.random.key(0)))
+
+
 @register("xbt")
 class XbtObjective(Objective):
     """Trains psi: new model embeddings -> old model space (InfoNCE + cosine against the old model's embeddings)."""
@@ -141,13 +146,17 @@ class XbtObjective(Objective):
         return {"psi": self.psi.init(rng, jnp.zeros((1, self.new_dim), jnp.float32))["params"]}
 
     def init_extra(self, params: Any) -> Any:
-        """Stand-ins with the new and old models' shapes and logical names (their shardings); `initial_extra` reads
-        the new model, the trainer attaches the old one (`frozen.attach_reference`)."""
-        return {NEW_KEY: self.new_model.init(jax.random.key(0)), **self.reference.init_extra()}
+        """Zero stand-ins with the new and old models' shapes and logical names (their shardings), which cost no
+        init computation; `initial_extra` reads the new model, the trainer attaches the old one
+        (`frozen.attach_reference`)."""
+        return {NEW_KEY: _zeros_like_init(self.new_model.init), frozen.REFERENCE_KEY:
+                _zeros_like_init(self.old_model.init),
+                frozen.FINGERPRINT_KEY: jnp.zeros((frozen.FINGERPRINT_WORDS,), jnp.uint32)}
 
     def initial_extra(self, params: Any, shardings: Any) -> Any:
-        stand_ins = jax.jit(lambda: nn.unbox(self.reference.init_extra()),
-                            out_shardings={k: v for k, v in shardings.items() if k != NEW_KEY})()
+        old_shardings = {k: v for k, v in shardings.items() if k != NEW_KEY}
+        stand_ins = jax.jit(lambda: {k: v for k, v in nn.unbox(self.init_extra(None)).items() if k != NEW_KEY},
+                            out_shardings=old_shardings)()
         new_params, _ = self.new.load(shardings[NEW_KEY])
         return {NEW_KEY: new_params, **stand_ins}
 
