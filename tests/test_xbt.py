@@ -184,3 +184,12 @@ def test_config_errors_name_the_value(models):
         trainer.build_experiment(tiny_config(**{"objective": "xbt", "reference.path": str(old)}))
     with pytest.raises(ValueError, match=r"xbt.stage='images'; valid: \('text', 'pairs'\)"):
         trainer.build_experiment(xbt_config(old, new, "images"))
+
+
+@pytest.mark.parametrize("variant,stage,batch", [("tiny_text", "text", 128), ("tiny", "pairs", 128),
+                                                 ("B/16_text", "text", 1024), ("B/16", "pairs", 1024)])
+def test_config_variants(variant, stage, batch):
+    config = vlp_config.load_config_file(str(REPO / "configs" / "xbt.py") + ":" + variant)
+    assert (config.objective, config.xbt.stage, config.batch_size) == ("xbt", stage, batch)
+    with pytest.raises(ValueError, match=r"set xbt.new.path"):  # the models are the user's to name
+        vlp_config.validate(config)
