@@ -29,9 +29,10 @@ SHRINK = {"model.image.width": 32, "model.image.depth": 1, "model.image.mlp_dim"
           "async_checkpointing": False, "mesh.num_devices": 1}
 
 
-def make_teacher(workdir: Path) -> Path:
-    """A clip workdir (config.json + a checkpoint of perturbed init params) whose 4x4-patch tower is the teacher."""
-    config = tiny_config()
+def make_teacher(workdir: Path, **updates) -> Path:
+    """A clip workdir (config.json + a checkpoint of perturbed init params) whose 4x4-patch tower is the teacher;
+    `updates` (dotted keys) change tiny_config (XBT's old and new models differ in seed and width)."""
+    config = tiny_config(**updates)
     exp = trainer.build_experiment(config)
     state = exp.init_state()
     # LayerNorm scales/biases of 1/0 would make ln_post a plain standardisation: give them values of their own.

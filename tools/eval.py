@@ -14,6 +14,14 @@ probe's standard settings); `--set
 evals.<name>.<key>=...` then adjusts it (e.g. source=..., train_split=..., class_names=imagenet1k,
 templates=clip80). Prints a table, then one JSON line; the JSON goes to <workdir>/eval_<split>_step<N>.json (or
 --out).
+
+Cross-model retrieval (backward compatibility, e.g. an XBT run, configs/xbt.py):
+  python tools/eval.py --workdir=runs/xbt --gallery_workdir=runs/old_clip [--gallery_step=N]
+embeds the retrieval set's queries with --workdir's model and its gallery with --gallery_workdir's model, and
+reports retrieval_cross_i2t_r{1,5,10} (the query model's images against the gallery model's captions) and
+retrieval_cross_t2i_r{1,5,10} (its captions against the gallery model's images), beside each model's own figures
+(retrieval_* and gallery_retrieval_*). It also works for two plain CLIPs of the same embedding width (the figure
+before any compatibility training). The retrieval entry of --workdir's config (or a default one) sets the data.
 """
 
 from __future__ import annotations
@@ -54,6 +62,49 @@ def add_default_evaluators(config, names: list[str]) -> None:
             config.evals[name] = entry
 
 
+def cross_model_results(exp, state, gallery_workdir: str, gallery_step: int | None,
+                        split: str | None) -> dict[str, float]:
+    """Both models' own retrieval figures and the cross-model ones (`exp`'s queries against the gallery run's model)
+    on the retrieval set of `exp`'s config (the gallery model reads the same images and captions)."""
+    from vlp.eval.retrieval import cross_model_recall
+    from vlp.train import evaluation
+    from vlp.train.restore import restore_run
+    from vlp.train.workdir import load_config
+
+    gallery_config = load_config(gallery_workdir)
+    entry = exp.config.evals.retrieval.to_dict()
+    entry["source"] = entry.get("source") or exp.config.data.source  # the query run's data, on both sides
+    with gallery_config.unlocked():
+        gallery_config.evals = {"retrieval": entry}
+    gallery_exp, gallery_step, gallery_state = restore_run(gallery_workdir, config=gallery_config, step=gallery_step)
+    sides = {}
+    for side, (run, run_state) in {"query": (exp, state), "gallery": (gallery_exp, gallery_state)}.items():
+        with run.context():
+            evaluator = evaluation.build_evaluators(run.config, run.objective, run.mesh, split=split,
+                                                    names=["retrieval"])["retrieval"]
+            sides[side] = evaluator, evaluator.embed(run.objective.eval_params(run_state.params, run_state.extra))
+    (query_eval, query_emb), (gallery_eval, gallery_emb) = sides["query"], sides["gallery"]
+    if query_eval.captions != gallery_eval.captions:
+        raise ValueError("the query and gallery runs' retrieval sets differ (another tokenizer's text or data "
+                         "source): cross-model retrieval needs the same images and captions on both sides")
+    prefix = query_eval.name
+    results = {"gallery_step": gallery_step}
+    for key, value in cross_model_recall(query_emb, gallery_emb, query_eval.captions, query_eval.text_image).items():
+        results[f"{prefix}_cross_{key}"] = value
+    for key, value in recall_at_k_of(query_eval, query_emb).items():
+        results[f"{prefix}_{key}"] = value
+    for key, value in recall_at_k_of(gallery_eval, gallery_emb).items():
+        results[f"gallery_{prefix}_{key}"] = value
+    return results
+
+
+def recall_at_k_of(evaluator, embeddings) -> dict[str, float]:
+    """A retrieval evaluator's own recall@k from its (image_emb, text_emb)."""
+    from vlp.eval.retrieval import recall_at_k
+
+    return recall_at_k(*embeddings, evaluator.captions, evaluator.text_image)
+
+
 def format_table(record: dict) -> str:
     """`metric  value` lines, metrics sorted, fractions with 4 decimals."""
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in record.items()]
@@ -69,7 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--evals", default=None,
                         help="comma-separated evaluator names to run (default: all of config.evals)")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--gallery_workdir", default=None,
+                        help="cross-model retrieval: embed the gallery with this run's model (e.g. the old CLIP) and "
+                             "the queries with --workdir's (e.g. an XBT run); runs only the retrieval evaluator")
+    parser.add_argument("--gallery_step", type=int, default=None,
+                        help="checkpoint step of --gallery_workdir (default: its newest good one)")
     args = parser.parse_args(argv)
+    if args.gallery_workdir and args.evals:
+        parser.error("--gallery_workdir runs the retrieval evaluator only; drop --evals")
     quiet_library_logs()
 
     from etils import epath
@@ -78,21 +136,27 @@ def main(argv: list[str] | None = None) -> dict:
     from vlp.train.paths import write_text_atomic
     from vlp.train.restore import restore_run
 
-    names = [n.strip() for n in args.evals.split(",") if n.strip()] if args.evals else None
+    names = ["retrieval"] if args.gallery_workdir else (
+        [n.strip() for n in args.evals.split(",") if n.strip()] if args.evals else None)
     config = resolve_config(args, prepare=lambda c: add_default_evaluators(c, names or []))
     start = time.perf_counter()
     exp, step, state = restore_run(args.workdir, config=config, step=args.step)
-    with exp.context():
-        evaluators = evaluation.build_evaluators(exp.config, exp.objective, exp.mesh, split=args.split, names=names)
-        results = {}
-        for i, (name, evaluator) in enumerate(evaluators.items()):
-            print(f"[{i + 1}/{len(evaluators)}] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
-                  flush=True)
-            results.update(evaluator.run(exp.objective.eval_params(state.params, state.extra)))
+    if args.gallery_workdir:
+        results = cross_model_results(exp, state, args.gallery_workdir, args.gallery_step, args.split)
+    else:
+        with exp.context():
+            evaluators = evaluation.build_evaluators(exp.config, exp.objective, exp.mesh, split=args.split,
+                                                     names=names)
+            results = {}
+            for i, (name, evaluator) in enumerate(evaluators.items()):
+                print(f"[{i + 1}/{len(evaluators)}] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr,
+                      flush=True)
+                results.update(evaluator.run(exp.objective.eval_params(state.params, state.extra)))
     split = args.split or "config"
     record = {"step": step, "split": split, **dict(sorted(results.items())),
               "eval_seconds": round(time.perf_counter() - start, 2)}
-    out = epath.Path(args.out) if args.out else epath.Path(args.workdir) / f"eval_{split}_step{step}.json"
+    name = f"eval_cross_{split}_step{step}.json" if args.gallery_workdir else f"eval_{split}_step{step}.json"
+    out = epath.Path(args.out) if args.out else epath.Path(args.workdir) / name
     write_text_atomic(out, json.dumps(record, indent=2))
     print(format_table(record))
     print(json.dumps(record), flush=True)

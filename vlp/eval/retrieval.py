@@ -85,8 +85,31 @@ class RetrievalEvaluator:
         captions = eval_set.captions[caption]
         return cls(encoders, eval_set.images, captions, name=name)
 
+    def embed(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        """(image_emb [N, D], text_emb [M, D]) of the evaluation set's images and captions."""
+        return self.encoders.encode_image(params, self.images), self.encoders.encode_text(params, self.tokens)
+
     def run(self, params: Params) -> dict[str, float]:
-        image_emb = self.encoders.encode_image(params, self.images)
-        text_emb = self.encoders.encode_text(params, self.tokens)
-        scores = recall_at_k(image_emb, text_emb, self.captions, self.text_image)
+        scores = recall_at_k(*self.embed(params), self.captions, self.text_image)
         return {f"{self.name}_{k}": v for k, v in scores.items()}
+
+
+def cross_model_recall(query: tuple[np.ndarray, np.ndarray], gallery: tuple[np.ndarray, np.ndarray],
+                       captions: list[str], text_image: np.ndarray | None = None,
+                       ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Recall@k with queries embedded by one model and the gallery by another (backward compatibility, XBT).
+
+    query, gallery: (image_emb [N, D], text_emb [M, D]) of the same images and captions (caption j of image
+    text_image[j]) by the query model and the gallery model, in one space (same D). Returns {i2t_r1, ..., t2i_r10}:
+    i2t = the query model's images against the gallery model's captions, t2i = the query model's captions against the
+    gallery model's images. A model against itself gives its own `recall_at_k`."""
+    (query_image, query_text), (gallery_image, gallery_text) = query, gallery
+    if query_image.shape[1:] != gallery_image.shape[1:] or query_text.shape[1:] != gallery_text.shape[1:]:
+        raise ValueError(f"query embeddings of width {query_image.shape[1:]} (images) / {query_text.shape[1:]} "
+                         f"(texts) and gallery embeddings of width {gallery_image.shape[1:]} / "
+                         f"{gallery_text.shape[1:]} are not in one space: cross-model retrieval needs the query "
+                         f"model's embeddings mapped into the gallery model's space (e.g. an XBT run)")
+    i2t = recall_at_k(query_image, gallery_text, captions, text_image, ks)
+    t2i = recall_at_k(gallery_image, query_text, captions, text_image, ks)
+    return {**{k: v for k, v in i2t.items() if k.startswith("i2t")}, **{k: v for k, v in t2i.items()
+                                                                        if k.startswith("t2i")}}

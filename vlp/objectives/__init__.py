@@ -42,4 +42,4 @@ def config_blocks() -> dict[str, dict]:
 # Built-in objectives register themselves on import.
 from vlp.objectives import (  # noqa: E402,F401
     albef, alip, align, cappa, cleanclip, clim, clip, coca, distill, eva, fdt, mae, mlcd, modx, mofi, prompt, siglip,
-    simmim, symile, tcl, tips, uniter)
+    simmim, symile, tcl, tips, uniter, xbt)

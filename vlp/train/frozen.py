@@ -144,11 +144,13 @@ def _reference_files(fmt: str, path: str, step: int | None) -> tuple[epath.Path,
     return source.parent, [source, *(f for f in beside if f.is_file())]
 
 
-def reference_config(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def reference_config(run_config: ml_collections.ConfigDict,
+                     block: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """The reference model's resolved config: `reference.config` (recorded at the run's first start), else read from
     the source: a vlp workdir's config.json; an export's model description (safetensors: model_config.json; hf and
-    open_clip: their config files) over a copy of the run's config (data, tokenizer and evals stay the run's)."""
-    block = run_config.reference
+    open_clip: their config files) over a copy of the run's config (data, tokenizer and evals stay the run's).
+    `block`: another block of the same keys (format, path, config) naming the model; default `run_config.reference`."""
+    block = run_config.reference if block is None else block
     if block.config:
         return vlp_config.from_dict(json.loads(block.config))
     if not block.path:
@@ -182,11 +184,14 @@ class Reference:
     """A frozen reference model described by a run's `config.reference`: its objective (model and encoders, built
     from the reference's own config, so it may differ from the student: a bigger teacher) and its loading."""
 
-    def __init__(self, run_config: ml_collections.ConfigDict):
-        self.config = reference_config(run_config)
-        self.format, self.path = run_config.reference.format, run_config.reference.path
-        if not run_config.reference.config:  # recorded in the run's config.json: eval and export read it there
-            run_config.reference.config = vlp_config.to_json(self.config)
+    def __init__(self, run_config: ml_collections.ConfigDict, block: ml_collections.ConfigDict | None = None):
+        """`block`: the (format, path, config) keys naming the model; default `run_config.reference` (XBT also
+        reads its frozen new model this way, from its own block)."""
+        block = run_config.reference if block is None else block
+        self.config = reference_config(run_config, block)
+        self.format, self.path = block.format, block.path
+        if not block.config:  # recorded in the run's config.json: eval and export read it there
+            block.config = vlp_config.to_json(self.config)
         self.objective = build_objective(self.config)
 
     def init_extra(self) -> dict[str, Any]:
