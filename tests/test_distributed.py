@@ -114,7 +114,9 @@ def two_process_run(tmp_path_factory, compile_cache) -> Path:
 
 def test_two_processes_train_like_one_process(tmp_path, compile_cache, two_process_run):
     one = tmp_path / "one_process"
-    run([sys.executable, "-m", "vlp.train", f"--workdir={one}", *TINY_TRAIN_ARGS], clean_env(compile_cache, 4), 180)
+    # Only the losses are compared: the reference run skips the final evals (the 2-process run still runs them).
+    run([sys.executable, "-m", "vlp.train", f"--workdir={one}", *TINY_TRAIN_ARGS, "--config.evals={}"],
+        clean_env(compile_cache, 4), 180)
     expected, got = train_losses(one), train_losses(two_process_run)
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     for step in expected:
