@@ -12,7 +12,6 @@ import argparse
 import json
 import time
 
-import jax
 import numpy as np
 
 
@@ -24,6 +23,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+
+    import jax
 
     from vlp import config as vlp_config
     from vlp.data import pipeline, sources

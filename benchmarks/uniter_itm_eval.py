@@ -24,20 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlp.data import pipeline, sources  # noqa: E402
-from vlp.eval.retrieval import recall_at_k  # noqa: E402
-from vlp.eval.zero_shot import class_embeddings, class_prompt_lists  # noqa: E402
-from vlp.train.restore import restore_run  # noqa: E402
-
 
 def pair_scores(objective, params, images: np.ndarray, tokens: np.ndarray, pairs_per_call: int = 4096) -> np.ndarray:
     """P(match) [I, T] of every image with every text, in chunks of images."""
+    import jax
+    import jax.numpy as jnp
+
     fn = jax.jit(objective.itm_scores)
     rows = max(1, pairs_per_call // len(tokens))
     return np.concatenate([np.asarray(fn(params, jnp.asarray(images[i:i + rows]), jnp.asarray(tokens)))
@@ -56,6 +52,14 @@ def main() -> None:
     parser.add_argument("--max_prompts", type=int, default=0,
                         help="the last N prompts of each class (shapes: its 4 noisy-style ones); 0 = all")
     args = parser.parse_args()
+    # Imported after parsing: jax and vlp take seconds to import, and `--help` needs neither.
+    import jax
+    import jax.numpy as jnp
+
+    from vlp.data import pipeline, sources
+    from vlp.eval.retrieval import recall_at_k
+    from vlp.eval.zero_shot import class_embeddings, class_prompt_lists
+    from vlp.train.restore import restore_run
 
     exp, step, state = restore_run(args.workdir)
     config, objective = exp.config, exp.objective

@@ -26,6 +26,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def load_tool(name: str, folder: str = "tools"):
+    """The module of `<repo>/<folder>/<name>.py` (tools/ and configs/ are scripts, not packages)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"vlp_{folder}_{name}", REPO / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(arg: str = "", **updates):
     """configs/clip.py:tiny shrunk for fast tests: a 32-wide model, small evals, one device; `updates` are dotted
     keys."""

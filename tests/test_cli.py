@@ -24,9 +24,11 @@ SMALL = ["--config.model.image.width=32", "--config.model.image.depth=1", "--con
 
 
 def env():
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)
-    return e
+    # One device (without the session's 8-device flag) but with its fast-compile flags: every run and tool here
+    # compiles under the same flags, so the exact comparisons between runs hold as before.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=" ".join(flags))
 
 
 def train_cmd(workdir, steps):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import tiny_config
-from test_distributed import TINY_TRAIN_ARGS, clean_env, run, train_losses
+from test_distributed import TINY_TRAIN_ARGS, clean_env, run, train_losses, without_evals
 
 from vlp.train.metrics import read_jsonl
 from vlp.train.trainer import train_and_evaluate
@@ -50,7 +50,7 @@ def test_two_separate_processes_give_identical_losses(tmp_path):
     losses = []
     for name in ("a", "b"):
         env = clean_env(tmp_path / f"cache_{name}", 1, PYTHONHASHSEED="random")
-        run([sys.executable, "-m", "vlp.train", f"--workdir={tmp_path / name}", *TINY_TRAIN_ARGS,
+        run([sys.executable, "-m", "vlp.train", f"--workdir={tmp_path / name}", *without_evals(TINY_TRAIN_ARGS),
              "--config.mesh.num_devices=1"], env, 300)
         losses.append(train_losses(tmp_path / name))
     assert sorted(losses[0]) == list(range(1, 7)), sorted(losses[0])

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import ml_collections
-
-from vlp import config as vlp_config
-from vlp.train.workdir import load_config
+if TYPE_CHECKING:
+    import ml_collections
 
 
 def quiet_library_logs() -> None:
@@ -29,6 +27,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace,
                    prepare: Callable[[ml_collections.ConfigDict], None] | None = None) -> ml_collections.ConfigDict:
     """--config (or the workdir's config.json), then `prepare(config)` (e.g. adding evaluators), then --set."""
+    # Imported here, not at the top: they import jax and flax, which `--help` does not need.
+    from vlp import config as vlp_config
+    from vlp.train.workdir import load_config
+
     overrides = vlp_config.parse_overrides(args.set)
     config = vlp_config.load_config_file(args.config) if args.config else load_config(args.workdir)
     if prepare is not None:
