@@ -45,10 +45,15 @@ def get_config(arg: str | None = None):
         c.optim.update(lr=2e-3, warmup_steps=150, weight_decay=0.05)
         c.eval_every = 400
     elif variant in ("tiny", "tiny_plain"):
-        # Fine-tuning: a fraction of pretraining's lr (the paper: 1e-5 after 5e-4), a short warmup.
-        c.total_steps = 400
+        # Fine-tuning at half of pretraining's lr, 450 steps (0.6 of an epoch of 100k clean pairs): measured on
+        # shapes, lr 2e-4 for 150 steps moved neither run's attack success (0.995 both), while 1e-3 separates them
+        # from step ~150 on (docs/cleanclip.md: attack success CleanCLIP 0.92 / 0.75 / 0.65, plain 0.95 / 0.91 /
+        # 0.89 at steps 150 / 300 / 450, clean zero-shot 0.89 both). Clean data never carries the trigger, so only
+        # weight movement forgets it: a too-small lr leaves both at the backdoored model. (The paper's 1e-5 is for
+        # a 400M-pair CLIP, 10 epochs.)
+        c.total_steps = 450
         c.init_from = dict(format="vlp", path="runs/backdoor")
-        c.optim.update(lr=2e-4, warmup_steps=20, weight_decay=0.05)
+        c.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.05)
         if variant == "tiny_plain":
             c.cleanclip.inmodal_weight = 0.0
     elif variant == "B/16":
