@@ -9,8 +9,9 @@ zero-shot) and by the sum of pairwise dot products (the pairwise baseline's).
 Variants: `tiny` (Symile, O(N) negatives, the CPU demo), `tiny_pairwise` (the same model and data with the paper's
 pairwise-CLIP baseline L_ab + L_bc + L_ac), `tiny_n2` (O(N^2) negatives), `B/16` (cluster towers). The paper trains
 its Symile-M3 models on features of pretrained encoders with a learnable logit scale (init as in the reference
-code's XOR toy, log scale -0.3 there); `B/16` keeps clip.py:B/16's towers and AdamW recipe (OpenCLIP LAION style)
-and needs a source with a `signal` modality (shards with `signals`, see vlp/data/records.py).
+code's XOR toy, log scale -0.3 there); `tiny` starts the scale at its clamp, 100 (see get_config). `B/16` keeps
+clip.py:B/16's towers and AdamW recipe (OpenCLIP LAION style) and needs a source with a `signal` modality (shards
+with `signals`, see vlp/data/records.py).
 Usage: `--config=configs/symile.py:tiny` or `--config=configs/symile.py:tiny_pairwise,total_steps=300`.
 """
 
@@ -29,6 +30,11 @@ def get_config(arg: str | None = None):
         c.data.synthetic_caption_prob = 0.5
         c.data.source = "shapes:xor"
         c.data.train_caption = "noisy"  # both caption kinds are the same keyed text in shapes:xor
+        # A triple's MIP is small unless its mass sits on few dims: shape-only embeddings (one-hot-like) reach MIP ~1,
+        # the XOR code spread over 8 sign patterns only ~1/sqrt(8). In a toy with these inputs the shape-only optimum
+        # (loss ~ ln 3) traps runs at t = 1/0.07 and t = 30, and the XOR is learned at t >= 50; the tiny towers
+        # reach the shape-only optimum by step 800 at t = 100 but not yet the XOR (docs/symile.md).
+        c.model.logit_scale_init = 100.0
         c.symile.update(signal_len=32, signal_width=96, signal_depth=2, signal_mlp_dim=384)
         c.symile.loss = "pairwise" if variant == "tiny_pairwise" else "symile"
         c.symile.negative_sampling = "n_squared" if variant == "tiny_n2" else "n"

@@ -112,3 +112,21 @@ def test_bad_fdt_config_names_the_value():
 def test_cluster_variant_builds():
     exp = build_experiment(vlp_config.load_config_file(str(REPO / "configs" / "fdt.py") + ":B/32"))
     assert exp.abstract_state.params["fdt_bank"].shape == (16384, 512)
+
+
+def test_tiny_config_learns_on_shapes(tmp_path):
+    """fdt.py:tiny (T = 1), shrunk to a 32-wide model: 150 steps at batch 32 lift zero-shot (64 classes) to >= 4x
+    chance (measured 0.12, 7.5x) with sparse bags (support ~33 of 64). At the paper's T = 1000 the weights stay
+    ~uniform over the bank and this fails."""
+    from vlp.data.shapes import CLASS_NAMES
+    from vlp.train.metrics import read_jsonl
+    from vlp.train.trainer import train_and_evaluate
+
+    config = fdt_config(total_steps=150, batch_size=32, log_every=50, eval_every=1000, checkpoint_every=1000)
+    config.optim.warmup_steps = 20
+    config.async_checkpointing = False
+    config.evals = dict(zeroshot=dict(config.evals.zeroshot, num_examples=256, batch_size=256))
+    final = train_and_evaluate(config, tmp_path)
+    assert final["zeroshot_top1"] >= 4.0 / len(CLASS_NAMES)
+    support = [r["fdt_support"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "fdt_support" in r]
+    assert support[-1] < 0.75 * config.fdt.num_tokens  # sparse bags (at T = 1000 all 64 tokens, to the end)
