@@ -163,19 +163,25 @@ def test_xor_toy_symile_learns_what_pairwise_cannot():
     assert _train_xor("pairwise") <= 0.75
 
 
-def test_shapes_xor_signal_carries_colour_xor_key():
+def test_shapes_xor_signal_carries_colour_group_xor_key():
     examples = [shapes_xor.make_example("validation", i) for i in range(400)]
     protos = shapes_xor.signal_prototypes()
+    assert protos.shape == (16, shapes_xor.SIGNAL_LEN)  # 2 values of g ^ k times 8 shapes
     nearest = np.argmax(np.stack([e["signal"] for e in examples]) @ protos.T, axis=1)
     labels = np.array([e["signal_label"] for e in examples])
     assert np.mean(nearest == labels) > 0.99  # the noisy signal still names its class
     for e in examples[:50]:
         colour, shape = divmod(e["label"], 8)
-        assert e["signal_label"] == 8 * (colour ^ e["xor_key"]) + shape
-        assert e["caption_noisy"] == f"{shapes.SHAPES[shape]} key {shapes.COLOURS[e['xor_key']]}"
-    # The image's colour alone says nothing about the signal's frequency: every (colour, frequency) pair occurs.
-    pairs = {(e["label"] // 8, e["signal_label"] // 8) for e in examples}
-    assert len(pairs) == 64
+        assert e["signal_label"] == 8 * ((colour >= 4) ^ e["xor_key"]) + shape  # group: red..green | cyan..white
+        assert e["caption_noisy"] == f"{shapes.SHAPES[shape]} key {('red', 'cyan')[e['xor_key']]}"
+    # Pairs share only the shape: every (colour, frequency) and every (colour, key) pair occurs, and the signal's
+    # frequency is balanced given the key.
+    colours = np.array([e["label"] // 8 for e in examples])
+    keys = np.array([e["xor_key"] for e in examples])
+    assert len(set(zip(colours, labels // 8))) == 16
+    assert len(set(zip(colours, keys))) == 16
+    for k in (0, 1):
+        assert 0.35 < np.mean(labels[keys == k] // 8) < 0.65
 
 
 def test_records_carry_signals_and_old_records_read_unchanged():
@@ -299,22 +305,22 @@ def test_sharded_step_equals_single_device():
 
 
 def test_tiny_config_learns_three_way_agreement(tmp_path):
-    """symile.py:tiny shrunk (32-wide, batch 32, 150 steps) learns triples whose MIP names the signal's class:
-    zero-shot (64 candidates) >= 6x chance (measured 0.16; the shape alone gives 0.125) and above the pairwise
-    scoring of the same embeddings (measured 0.004). Trained with symile.loss=pairwise instead, MIP scoring gets
-    0.016 and this fails. It does not show the colour XOR key: at this scale Symile stays at the shape-only level
-    (docs/symile.md)."""
+    """symile.py:tiny shrunk (32-wide, batch 128, 150 steps) learns triples whose MIP names the signal's class:
+    zero-shot (16 candidates: chance 1/16, the shape alone 1/2) >= 0.4 (measured 0.59) and far above the pairwise
+    scoring of the same embeddings (measured 0.05). Trained with symile.loss=pairwise instead, MIP scoring gets
+    ~0.06 and this fails. At this scale it shows the shape-level agreement only; the colour-group XOR itself is
+    learned by the full `tiny` (0.97 at step 200, docs/symile.md), too slow for a unit test on CPU."""
     from vlp.train.trainer import train_and_evaluate
 
-    config = symile_config(total_steps=150, batch_size=32, log_every=50, eval_every=1000, checkpoint_every=1000)
+    config = symile_config(total_steps=150, batch_size=128, log_every=50, eval_every=1000, checkpoint_every=1000)
     config.optim.warmup_steps = 20
     config.async_checkpointing = False
     for ev in config.evals.values():
         ev.update(num_examples=256, batch_size=256)
     final = train_and_evaluate(config, tmp_path)
     top1, pairwise_top1 = final["signal_zeroshot_top1"], final["signal_zeroshot_pairwise_top1"]
-    assert top1 >= 6 / shapes_xor.NUM_SIGNAL_CLASSES, final
-    assert top1 >= pairwise_top1 + 0.08, final
+    assert top1 >= 0.4, final
+    assert top1 >= pairwise_top1 + 0.25, final
 
 
 def test_cluster_variant_builds():
