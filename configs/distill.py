@@ -12,9 +12,6 @@ CLIP's B/16 optimizer settings, as open_clip's `--distill-model ViT-L-14 --disti
 Usage: `--config=configs/distill.py:tiny,reference.path=runs/clip`.
 """
 
-import importlib.util
-from pathlib import Path
-
 from vlp import config as vlp_config
 
 VARIANTS = ("tiny", "B/16")
@@ -22,7 +19,8 @@ VARIANTS = ("tiny", "B/16")
 
 def get_config(arg: str | None = None):
     variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
-    c = _clip_config(variant)  # the student is clip.py's model at the same scale
+    # The student is clip.py's model at the same scale.
+    c = vlp_config.sibling_config_module(__file__, "clip.py").get_config(variant)
     c.objective = "clip_distill"
     c.clip_distill.update(kind="kl", weight=1.0)
     c.reference.format = "vlp"
@@ -34,10 +32,3 @@ def get_config(arg: str | None = None):
     vlp_config.apply_overrides(c, overrides)
     return c
 
-
-def _clip_config(variant: str):
-    """configs/clip.py's config of `variant` (config files are loaded by path, not as a package)."""
-    spec = importlib.util.spec_from_file_location("vlp_clip_config", Path(__file__).with_name("clip.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)

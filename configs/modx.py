@@ -17,9 +17,6 @@ Variants:
 Usage: `--config=configs/modx.py:tiny,init_from.path=runs/p1,reference.path=runs/p1`.
 """
 
-import importlib.util
-from pathlib import Path
-
 from vlp import config as vlp_config
 
 VARIANTS = ("tiny", "tiny_phase1", "tiny_finetune", "B/16")
@@ -28,7 +25,7 @@ OLD, NEW = "shapes:classes=0-31", "shapes:classes=32-63"
 
 def get_config(arg: str | None = None):
     variant, overrides = vlp_config.parse_arg(arg, VARIANTS)
-    c = _clip_config("B/16" if variant == "B/16" else "tiny")
+    c = vlp_config.sibling_config_module(__file__, "clip.py").get_config("B/16" if variant == "B/16" else "tiny")
     c.objective = "clip" if variant in ("tiny_phase1", "tiny_finetune") else "modx"
     c.modx.alpha = 20.0
     if variant == "B/16":
@@ -47,10 +44,3 @@ def get_config(arg: str | None = None):
     vlp_config.apply_overrides(c, overrides)
     return c
 
-
-def _clip_config(variant: str):
-    """configs/clip.py's config of `variant` (config files are loaded by path, not as a package)."""
-    spec = importlib.util.spec_from_file_location("vlp_clip_config", Path(__file__).with_name("clip.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)

@@ -620,17 +620,28 @@ def load_json(path: epath.PathLike) -> ml_collections.ConfigDict:
     return from_dict(json.loads(path.read_text()))
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`"configs/clip.py:tiny,total_steps=5"` -> the file's get_config(arg), locked."""
+def _config_module(path: Path) -> Any:
+    """The config file at `path`, executed as a module (config files are loaded by path, not as a package)."""
     import importlib.util
 
+    module_spec = importlib.util.spec_from_file_location(f"vlp_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def sibling_config_module(config_file: str, name: str) -> Any:
+    """The config file `name` beside `config_file` as a module, so one method's config can start from another's
+    (e.g. `sibling_config_module(__file__, "clip.py").get_config("tiny")`)."""
+    return _config_module(Path(config_file).with_name(name))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`"configs/clip.py:tiny,total_steps=5"` -> the file's get_config(arg), locked."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file {path!r} not found (expected e.g. configs/clip.py:tiny)")
-    module_spec = importlib.util.spec_from_file_location(f"vlp_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    config = _config_module(Path(path)).get_config(arg or None)
     unknown = unknown_keys(config, base_config())
     for key in unknown:
         if moved := moved_key_error(key, f"config file {path!r}"):
