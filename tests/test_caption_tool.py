@@ -2,13 +2,12 @@
 JSON line per readable image out, unreadable files skipped and listed, beam search with one beam equal to greedy,
 and the evaluator's scores in their ranges, during training and from tools/eval.py."""
 
-import importlib.util
 import json
 
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import load_tool
 from PIL import Image
 from test_coca import coca_config
 
@@ -17,13 +16,6 @@ from vlp.eval.captioning import default_eval
 from vlp.train.trainer import train_and_evaluate
 
 SCORES = ("captioning_cider", "captioning_bleu4", "captioning_exact_match")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"vlp_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 import transformers
-from conftest import REPO, tiny_config
+from conftest import load_tool, tiny_config
 from flax import traverse_util
 
 from vlp import config as vlp_config
@@ -228,12 +228,7 @@ def test_a_wrong_shape_names_the_parameter_and_both_shapes(clip_model, tmp_path)
 
 
 def run_tool(name: str, argv: list[str]):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool(name).main(argv)
 
 
 def test_export_and_import_tools_round_trip_a_run(tmp_path, capsys):
