@@ -66,6 +66,24 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
     return cfg
 
 
+def tower_overrides(vision: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+    """vlp config keys for the shapes of open_clip's ViT (`vision_cfg`) and text transformer (`text_cfg`): input
+    sizes, widths, depths, MLPs, heads; shared by the CLIP and CoCa mappings."""
+    width, twidth = vision["width"], text["width"]
+    return {
+        "data.image_size": vision["image_size"], "data.max_text_len": text.get("context_length", 77),
+        "model.image.variant": None,
+        "model.image.width": width, "model.image.depth": vision["layers"],
+        "model.image.mlp_dim": int(round(width * vision.get("mlp_ratio", 4.0))),
+        "model.image.num_heads": width // vision.get("head_width", 64), "model.image.patch_size": vision["patch_size"],
+        "model.image.pool": "cls", "model.image.num_cls_tokens": 1, "model.image.posemb": "learn",
+        "model.image.ln_pre": not vision.get("no_ln_pre", False), "model.image.patch_bias": False,
+        "model.text.width": twidth, "model.text.depth": text["layers"],
+        "model.text.mlp_dim": int(round(twidth * text.get("mlp_ratio", 4.0))),
+        "model.text.num_heads": text.get("heads", 8), "model.text.vocab_size": text.get("vocab_size", 49408),
+    }
+
+
 def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     """vlp config keys (dotted) that build the model an open_clip model config describes."""
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
@@ -86,23 +104,12 @@ def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     if eps != (text.get("norm_kwargs") or {}).get("eps", 1e-5) or act_kwargs != (text.get("act_kwargs") or {}):
         raise ExportError("this open_clip config uses different LayerNorm eps or activations in its two towers; "
                           "vlp shares one of each")
-    width, twidth = vision["width"], text["width"]
     causal = not text.get("no_causal_mask", False)
     return {
         **({} if causal else {"model.text.padding_mask": False}),  # open_clip never masks padding
         "objective": "siglip" if cfg.get("init_logit_bias") is not None else "clip",
-        "data.image_size": vision["image_size"], "data.max_text_len": text.get("context_length", 77),
-        "model.image.variant": None,
-        "model.image.width": width, "model.image.depth": vision["layers"],
-        "model.image.mlp_dim": int(round(width * vision.get("mlp_ratio", 4.0))),
-        "model.image.num_heads": width // vision.get("head_width", 64), "model.image.patch_size": vision["patch_size"],
-        "model.image.pool": "cls", "model.image.num_cls_tokens": 1, "model.image.posemb": "learn",
-        "model.image.ln_pre": not vision.get("no_ln_pre", False), "model.image.patch_bias": False,
-        "model.text.width": twidth, "model.text.depth": text["layers"],
-        "model.text.mlp_dim": int(round(twidth * text.get("mlp_ratio", 4.0))),
-        "model.text.num_heads": text.get("heads", 8), "model.text.causal": causal,
-        "model.text.pool": "last" if pool == "last" else "eot",
-        "model.text.vocab_size": text.get("vocab_size", 49408),
+        **tower_overrides(vision, text),
+        "model.text.causal": causal, "model.text.pool": "last" if pool == "last" else "eot",
         "model.embed_dim": cfg["embed_dim"], "model.image_projection": True, "model.text_projection": True,
         "model.projection_bias": False, "model.activation": act, "model.ln_eps": eps,
         "model.logit_bias_init": cfg.get("init_logit_bias"), "model.logit_scale_parameterization": "log",

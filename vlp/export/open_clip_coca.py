@@ -23,7 +23,7 @@ from typing import Any
 
 from vlp.export import mapping
 from vlp.export.common import ExportError, require
-from vlp.export.open_clip import visual_trunk_rules
+from vlp.export.open_clip import tower_overrides, visual_trunk_rules
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 OPEN_CLIP_LN_EPS = 1e-5
@@ -108,7 +108,7 @@ def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ExportError(f"open_clip CoCa with attentional_pool={vision.get('attentional_pool')!r}, embed_cls="
                           f"{text.get('embed_cls')!r}: vlp maps the original layout (attentional_pool=true, "
                           "embed_cls=true)")
-    width, twidth = vision["width"], text["width"]
+    twidth = text["width"]
     if multi["width"] != twidth or multi.get("heads", 8) != text.get("heads", 8) or \
             multi.get("context_length", 77) != text.get("context_length", 77):
         raise ExportError(f"open_clip CoCa with text width/heads/context {twidth}/{text.get('heads', 8)}/"
@@ -119,16 +119,7 @@ def config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
                           "4x the width and vlp's decoder shares one MLP size; vlp maps mlp_ratio 4")
     return {
         "objective": "coca",
-        "data.image_size": vision["image_size"], "data.max_text_len": text.get("context_length", 77),
-        "model.image.variant": None,
-        "model.image.width": width, "model.image.depth": vision["layers"],
-        "model.image.mlp_dim": int(round(width * vision.get("mlp_ratio", 4.0))),
-        "model.image.num_heads": width // vision.get("head_width", 64), "model.image.patch_size": vision["patch_size"],
-        "model.image.pool": "cls", "model.image.num_cls_tokens": 1, "model.image.posemb": "learn",
-        "model.image.ln_pre": not vision.get("no_ln_pre", False), "model.image.patch_bias": False,
-        "model.text.width": twidth, "model.text.depth": text["layers"],
-        "model.text.mlp_dim": int(round(twidth * text.get("mlp_ratio", 4.0))),
-        "model.text.num_heads": text.get("heads", 8), "model.text.vocab_size": text.get("vocab_size", 49408),
+        **tower_overrides(vision, text),
         "model.embed_dim": cfg["embed_dim"], "model.activation": "quick_gelu" if cfg.get("quick_gelu") else "gelu",
         "model.ln_eps": OPEN_CLIP_LN_EPS,
         "coca.layout": "open_clip", "coca.cls_mask": "legacy", "coca.tied_embedding": False,
