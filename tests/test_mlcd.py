@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, objective_loss_and_grads
 from test_benchmarks import run_json_lines
 
 from vlp import config as vlp_config
@@ -15,7 +15,6 @@ from vlp.data.cluster_labels import LABELS_KEY, AddClusterLabels, write_cluster_
 from vlp.data.kmeans import KMeans, centre_mesh
 from vlp.data.transforms import SelectCaption
 from vlp.losses.cluster_discrimination import mlcd_loss, num_sampled, sharded_mlcd_loss
-from vlp.parallel import sharding
 from vlp.parallel.mesh import make_mesh
 from vlp.train.trainer import build_experiment
 
@@ -122,15 +121,8 @@ def labels_file(tmp_path_factory):
 
 def _loss_and_grads(labels_path, mesh_shape, num_devices, batch, params=None):
     exp = build_experiment(mlcd_config(labels_path, **{"mesh.shape": str(mesh_shape), "mesh.num_devices": num_devices}))
-    with exp.context():
-        state = exp.init_state()
-        if params is not None:
-            state = state.replace(params=jax.device_put(params, exp.state_shardings.params))
-        global_batch = sharding.host_to_global(batch, exp.mesh)
-        fn = jax.jit(jax.value_and_grad(lambda p, b: exp.objective.loss_fn(p, b, jax.random.key(0))[0]))
-        loss, grads = fn(state.params, global_batch)
-        spec = state.params["centres"].sharding.spec
-    return float(loss), jax.device_get(grads), jax.device_get(state.params), spec
+    loss, _, grads, params = objective_loss_and_grads(exp, batch, params)
+    return loss, grads, params, exp.state_shardings.params["centres"].spec
 
 
 def test_sharded_step_equals_single_device_with_centres_on_fsdp(labels_file):
