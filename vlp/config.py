@@ -353,7 +353,7 @@ def moved_key_error(dotted: str, where: str) -> KeyError | None:
     return KeyError(f"{where} sets {dotted!r}, which no longer exists: {MOVED_KEYS[dotted]}")
 
 
-def _check_init_from(init_from: ml_collections.ConfigDict, name: str = "init_from") -> None:
+def check_init_from(init_from: ml_collections.ConfigDict, name: str = "init_from") -> None:
     """Checks an `init_from`-like block (also `reference`): a known format and a path that exists."""
     fmt, path = init_from.format, init_from.path
     _check(fmt in INIT_FROM_FORMATS, f"{name}.format={fmt!r}; valid: {INIT_FROM_FORMATS}")
@@ -425,11 +425,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"on_checkpoint_error={config.on_checkpoint_error!r}; valid: {ON_CHECKPOINT_ERROR}")
     _check(config.on_unrestorable_checkpoint in ON_UNRESTORABLE,
            f"on_unrestorable_checkpoint={config.on_unrestorable_checkpoint!r}; valid: {ON_UNRESTORABLE}")
-    _check_init_from(config.init_from)
+    check_init_from(config.init_from)
     # A started run has recorded its reference's config: evaluating or exporting it must not need the reference
     # (a resume still does, and the loading names a missing one).
-    _check_init_from(config.reference if not config.reference.config else
-                     ml_collections.ConfigDict(dict(format=config.reference.format, path="")), "reference")
+    check_init_from(config.reference if not config.reference.config else
+                    ml_collections.ConfigDict(dict(format=config.reference.format, path="")), "reference")
     _check(isinstance(config.allow_data_change, bool),
            f"allow_data_change={config.allow_data_change!r}; valid: True or False")
     _validate_watchdog(config.watchdog)

@@ -109,7 +109,7 @@ class XbtObjective(Objective):
                 raise ValueError("invalid config: objective 'xbt' needs the new model: set xbt.new.path (and "
                                  f"xbt.new.format, one of {vlp_config.INIT_FROM_FORMATS}), e.g. the workdir of a "
                                  "configs/clip.py:tiny run")
-            vlp_config._check_init_from(block.new, "xbt.new")
+            vlp_config.check_init_from(block.new, "xbt.new")
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
