@@ -30,7 +30,7 @@ from vlp.losses import distill, fusion
 from vlp.models import flops
 from vlp.models.fusion import FusionModel
 from vlp.objectives import register
-from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
+from vlp.objectives.base import Metrics, Objective, image_text_batch, resolve_compute_dtype
 from vlp.objectives.two_tower import image_tower_kwargs, stacking_kwargs
 from vlp.parallel.mesh import resolve_mesh_shape
 
@@ -116,12 +116,10 @@ class AlbefObjective(Objective):
     # ------------------------------------------------------------------ data and init
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size, length = self.config.data.image_size, self.config.data.max_text_len
-        return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-                "text": np.zeros((batch_size, length), np.int32),
-                MLM_TEXT_KEY: np.zeros((batch_size, length), np.int32),
-                MLM_LABELS_KEY: np.full((batch_size, length), IGNORE_LABEL, np.int32),
-                "label": np.zeros((batch_size,), np.int32)}
+        length = self.config.data.max_text_len
+        return dict(image_text_batch(self.config, batch_size), **{
+            MLM_TEXT_KEY: np.zeros((batch_size, length), np.int32),
+            MLM_LABELS_KEY: np.full((batch_size, length), IGNORE_LABEL, np.int32)})
 
     def train_example_transform(self, default: Any) -> Any:
         return AddMLMMask(default, self.tokenizer, self.config.data.max_text_len, self.config.seed,

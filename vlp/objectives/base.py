@@ -15,6 +15,16 @@ Params = Any
 Metrics = dict[str, jax.Array]
 
 
+def image_text_batch(config: ml_collections.ConfigDict, batch_size: int,
+                     image_size: int | None = None) -> dict[str, np.ndarray]:
+    """Zeros of an image-caption batch: image [B, H, W, 3] float32 (H = W = `image_size`, default
+    data.image_size), text [B, data.max_text_len] int32, label [B] int32 (objectives' `example_batch`)."""
+    size = config.data.image_size if image_size is None else image_size
+    return {"image": np.zeros((batch_size, size, size, 3), np.float32),
+            "text": np.zeros((batch_size, config.data.max_text_len), np.int32),
+            "label": np.zeros((batch_size,), np.int32)}
+
+
 class Objective(abc.ABC):
     """Builds a model from a config and defines its training loss.
 

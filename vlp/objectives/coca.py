@@ -25,7 +25,7 @@ from vlp.models import flops
 from vlp.models.coca import Captioner
 from vlp.models.decoder import CLS_MASKS, LAYOUTS, init_cache
 from vlp.objectives import register
-from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
+from vlp.objectives.base import Metrics, Objective, image_text_batch, resolve_compute_dtype
 from vlp.objectives.two_tower import image_tower_kwargs
 from vlp.parallel.mesh import BATCH_AXES
 
@@ -88,10 +88,7 @@ class CaptioningObjective(Objective):
                     dtype=resolve_compute_dtype(config.precision.compute_dtype))
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size = self.config.data.image_size
-        return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-                "text": np.zeros((batch_size, self.config.data.max_text_len), np.int32),
-                "label": np.zeros((batch_size,), np.int32)}
+        return image_text_batch(self.config, batch_size)
 
     def init(self, rng: jax.Array) -> Any:
         b = self.example_batch(1)

@@ -32,7 +32,7 @@ from vlp.data import sources
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
 from vlp.objectives import register
-from vlp.objectives.base import Metrics, Objective
+from vlp.objectives.base import Metrics, Objective, image_text_batch
 from vlp.train import frozen
 
 PLACEHOLDER_ID = 1  # token id at the context positions (never eos or pad, so pooling and masks treat them as words)
@@ -101,10 +101,7 @@ class PromptObjective(Objective):
         self.class_tokens = self.tokenizer.encode(self.class_names, text_len)  # [C, L - M]
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size = self.config.data.image_size
-        return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-                "text": np.zeros((batch_size, self.config.data.max_text_len), np.int32),
-                "label": np.zeros((batch_size,), np.int32)}
+        return image_text_batch(self.config, batch_size)
 
     def init(self, rng: jax.Array) -> Any:
         shape = (self.num_context, self.width)

@@ -14,7 +14,7 @@ from vlp.losses.contrastive import sharded_contrastive_loss
 from vlp.models import flops
 from vlp.models.two_tower import TwoTower
 from vlp.models.vit import num_kept_patches, patch_dropout_keep, vit_shape
-from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
+from vlp.objectives.base import Metrics, Objective, image_text_batch, resolve_compute_dtype
 from vlp.parallel.mesh import BATCH_AXES
 
 
@@ -98,12 +98,7 @@ class TwoTowerObjective(Objective):
         return dict(batch, patch_keep=keep)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size = self.config.data.image_size
-        return {
-            "image": np.zeros((batch_size, size, size, 3), np.float32),
-            "text": np.zeros((batch_size, self.config.data.max_text_len), np.int32),
-            "label": np.zeros((batch_size,), np.int32),
-        }
+        return image_text_batch(self.config, batch_size)
 
     def init(self, rng: jax.Array) -> Any:
         batch = self.example_batch(1)

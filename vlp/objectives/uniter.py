@@ -36,7 +36,7 @@ from vlp.losses.ot import ot_distance, wra_loss
 from vlp.models import flops
 from vlp.models.uniter import Uniter
 from vlp.objectives import register
-from vlp.objectives.base import Metrics, Objective, resolve_compute_dtype
+from vlp.objectives.base import Metrics, Objective, image_text_batch, resolve_compute_dtype
 
 TASKS = ("itm", "mlm", "mrfr")
 
@@ -137,13 +137,11 @@ class UniterObjective(Objective):
         return AddPatchMask(mlm, "random", self.grid, self.block.mrfr_prob, seed=seed)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size, length = self.config.data.image_size, self.config.data.max_text_len
-        return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-                "text": np.zeros((batch_size, length), np.int32),
-                "label": np.zeros((batch_size,), np.int32),
-                MLM_TEXT_KEY: np.zeros((batch_size, length), np.int32),
-                MLM_LABELS_KEY: np.zeros((batch_size, length), np.int32),
-                "mim_mask": np.zeros((batch_size, self.grid[0] * self.grid[1]), bool)}
+        length = self.config.data.max_text_len
+        return dict(image_text_batch(self.config, batch_size), **{
+            MLM_TEXT_KEY: np.zeros((batch_size, length), np.int32),
+            MLM_LABELS_KEY: np.zeros((batch_size, length), np.int32),
+            "mim_mask": np.zeros((batch_size, self.grid[0] * self.grid[1]), bool)})
 
     def init(self, rng: jax.Array) -> Any:
         b = self.example_batch(1)

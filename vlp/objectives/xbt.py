@@ -37,7 +37,7 @@ from vlp.losses.compatibility import compatibility_loss
 from vlp.models import flops
 from vlp.models.projection import PROJECTION_KINDS, EmbeddingProjection
 from vlp.objectives import register
-from vlp.objectives.base import Metrics, Objective
+from vlp.objectives.base import Metrics, Objective, image_text_batch
 from vlp.objectives.two_tower import TwoTowerObjective
 from vlp.parallel.mesh import BATCH_AXES
 from vlp.train import frozen
@@ -134,10 +134,8 @@ class XbtObjective(Objective):
                                        hidden_dim=block.hidden_mult * self.old_dim)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size = self.config.data.image_size if self.stage == "pairs" else 1
-        return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-                "text": np.zeros((batch_size, self.config.data.max_text_len), np.int32),
-                "label": np.zeros((batch_size,), np.int32)}
+        # Stage 1 sends 1x1 stand-ins for the images (DropImage): no pixels reach the device.
+        return image_text_batch(self.config, batch_size, None if self.stage == "pairs" else 1)
 
     def train_example_transform(self, default: Any) -> Any:
         return DropImage(default) if self.stage == "text" else default
