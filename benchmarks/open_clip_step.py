@@ -11,6 +11,9 @@ figure train_step.py divides by), so the two JSON lines compare directly.
   python benchmarks/open_clip_step.py [--config=configs/clip.py:bench] [--set KEY=VALUE ...] [--steps 10]
       [--warmup 2] [--threads 2]
 
+Like benchmarks/train_step.py it runs under vlp's glibc malloc settings on CPU (`vlp/host_malloc.py`; torch gains
+from them too), so both sides use the same allocator; `VLP_HOST_MALLOC=default` runs either with glibc's own.
+
 Needs torch and open_clip (`pip install -e .[interop]`); without them it prints why and exits 0 with a JSON line
 `{"skipped": "..."}`.
 """
@@ -129,4 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from vlp.host_malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # on CPU: freed buffers reused, no page faults per step (vlp/host_malloc.py)
     main()

@@ -10,6 +10,10 @@ device for the whole step, the forward pass and the rest (backward + optimizer u
 compiled memory per device (`memory_analysis()`). Uses the real devices (all of them unless
 `--set mesh.num_devices=N`).
 
+On CPU the process runs under vlp's glibc malloc settings (`vlp/host_malloc.py`: freed buffers are reused, so a step
+pays no page faults; `minor_page_faults_per_step` shows it, `VLP_HOST_MALLOC=default` turns them off to compare).
+`cores_busy` is process CPU time over wall time of the timed steps.
+
 MFU's peak: `--peak_tflops`, else `hardware.peak_flops_per_device`, else on GPU/TPU the table in
 vlp/train/metrics.py; on CPU this machine's own XLA fp32 matmul rate (`--peak_matmul_size`^3, best of 5), measured in
 the same run before and after the timed steps (the larger of the two: other load only slows it down).
@@ -51,6 +55,13 @@ def parse_profile_steps(spec: str | None, steps: int) -> range:
     if end - start >= steps:
         raise SystemExit(f"--profile_steps={spec!r} traces every timed step; use --steps > {end - start}")
     return range(start, end)
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far: each first touch of freshly mapped memory costs one (4 KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def first_cost(analysis: Any) -> dict[str, float]:
@@ -152,14 +163,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
             _say(f"warm-up {i + 1}/{args.warmup}")
-        step_seconds = []
+        step_seconds, step_faults, step_cpu_seconds = [], [], []
         for i in range(args.steps):
             if profiled and i == profiled.start:
                 jax.profiler.start_trace(args.profile_dir)
-            start = time.perf_counter()
+            faults, cpu, start = minor_page_faults(), time.process_time(), time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
             seconds = time.perf_counter() - start
+            step_faults.append(minor_page_faults() - faults)
+            if i not in profiled:
+                step_cpu_seconds.append(time.process_time() - cpu)
             if profiled and i == profiled.stop - 1:
                 jax.profiler.stop_trace()
             if i not in profiled:
@@ -226,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "output_bytes_per_device": getattr(memory, "output_size_in_bytes", None),
         "alias_bytes_per_device": getattr(memory, "alias_size_in_bytes", None),
         "loss": float(metrics["loss"]),
+        "minor_page_faults_per_step": int(statistics.median(step_faults)),
+        # Process CPU seconds per wall second of the timed steps: how many cores the step kept busy (or spinning).
+        "cores_busy": round(sum(step_cpu_seconds) / sum(step_seconds), 2),
     }
     if forward_seconds:
         # Forward = 1/3 of the model FLOPs (flops.py counts training as 3x forward); the rest of the step (backward
@@ -251,4 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from vlp.host_malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # on CPU: freed buffers reused, no page faults per step (vlp/host_malloc.py)
     main()

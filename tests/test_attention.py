@@ -116,3 +116,32 @@ def test_model_built_with_a_gpu_kernel_on_cpu_fails_when_built():
     x = jnp.zeros((1, 4, 16))
     with pytest.raises(ValueError, match=r"'cudnn' needs an NVIDIA GPU but the JAX backend is 'cpu'"):
         layers.Attention(2, implementation="cudnn").init(jax.random.key(0), x)
+
+
+def test_linear_flattens_only_output_axes_no_mesh_axis_splits():
+    """Linear computes on flattened rows and (unless a mesh axis splits them) flattened output axes; both forms give
+    the einsum's values and every gradient, and a heads-split kernel keeps its sharding (no gather)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(B, T, N * H)).astype(np.float32))
+    module = layers.Linear((3, N, H), ("embed", "qkv", "heads", "kv"))
+    params = nn.unbox(module.init(jax.random.key(0), x)["params"])
+    cotangent = jnp.asarray(rng.normal(size=(B, T, 3, N, H)).astype(np.float32))
+
+    def loss(p, x):
+        return (module.apply({"params": p}, x) * cotangent).sum()
+
+    def reference(p, x):
+        return ((jnp.einsum("btd,dknh->btknh", x, p["kernel"]) + p["bias"]) * cotangent).sum()
+
+    expected = jax.grad(reference, argnums=(0, 1))(params, x)
+    mesh = make_mesh((2, 1, 2), 4)
+    names = ("qkv", "heads", "kv")
+    assert not layers.splits_over_mesh(names)  # outside a mesh
+    with mesh_context(mesh, DEFAULT_RULES):
+        assert layers.splits_over_mesh(names) and not layers.splits_over_mesh(("qkv", "kv"))
+        sharded = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+        hlo = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile().as_text()
+    assert "all-gather" not in hlo  # the kernel's heads axis stays split over `tensor`
+    for got in (jax.grad(loss, argnums=(0, 1))(params, x), sharded):
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

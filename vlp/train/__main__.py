@@ -63,6 +63,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from vlp.host_malloc import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()  # XLA:CPU: no page faults on every step's buffers
     if moved := moved_flag_error(sys.argv):
         sys.exit(moved)
     app.run(main)
