@@ -32,6 +32,7 @@ bench: $(VENV)/.installed  # open_clip_step.py compares with open_clip + torch (
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/open_clip_step.py
 	$(PY) benchmarks/xla_cpu_threads.py
+	$(PY) benchmarks/xla_cpu_layouts.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/compile.py --config=configs/clip.py:tiny --policies=none,full

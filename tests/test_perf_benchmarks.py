@@ -77,6 +77,18 @@ def test_xla_cpu_threads_benchmark_times_each_op():
     assert row["matmul"]["gflops"] > 0
 
 
+def test_xla_cpu_layouts_benchmark_times_each_variant():
+    [row] = run_json_lines("xla_cpu_layouts.py", "--batch=2", "--tokens=5", "--width=16", "--features=32",
+                           "--heads=2", "--repeats=1")
+    assert (row["batch"], row["tokens"], row["width"], row["features"], row["heads"]) == (2, 5, 16, 32, 2)
+    for variant in ("rows_3d", "rows_2d"):
+        assert row["weight_gradient"][variant]["ms"] > 0, row
+    for variant in ("token_major", "head_major"):
+        assert row["attention"][variant]["forward_ms"] > 0 and row["attention"][variant]["forward_backward_ms"] > 0
+    assert row["page_faults"]["array_bytes"] == 2 * 5 * 32 * 4
+    assert 0 <= row["page_faults"]["minor_faults_per_run_min"] <= row["page_faults"]["minor_faults_per_run_max"]
+
+
 def test_exact_gelu_is_torch_form_with_erf():
     """Exact GELU as x/2 (1 + erf(x/sqrt 2)) (torch's formula; XLA:CPU's erf is cheaper than jax.nn.gelu's erfc),
     against math.erf in float64 over [-10, 10], value and gradient; bf16 inputs stay bf16."""
