@@ -118,6 +118,27 @@ def test_model_built_with_a_gpu_kernel_on_cpu_fails_when_built():
         layers.Attention(2, implementation="cudnn").init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_major_attention_equals_jax_xla_path(qkv_mask, dtype):
+    """The CPU path (heads first) computes jax.nn.dot_product_attention's XLA function: output and q/k/v gradients
+    with a padding mask, causal or not, in fp32 and bf16 (fp32 logits)."""
+    q, k, v, mask = (x.astype(dtype) if x.dtype != bool else x for x in qkv_mask)
+    for causal in (False, True):
+        def loss(attend, q, k, v):
+            return (attend(q, k, v).astype(jnp.float32) ** 2).sum()
+
+        ours = lambda q, k, v: layers.head_major_attention(q, k, v, mask, causal)  # noqa: E731
+        theirs = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, mask=mask, is_causal=causal, implementation="xla")
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32), np.asarray(theirs(q, k, v), np.float32),
+                                   rtol=tol, atol=tol)
+        got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(lambda *a: loss(theirs, *a), argnums=(0, 1, 2))(q, k, v)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+
+
 def test_linear_flattens_only_output_axes_no_mesh_axis_splits():
     """Linear computes on flattened rows and (unless a mesh axis splits them) flattened output axes; both forms give
     the einsum's values and every gradient, and a heads-split kernel keeps its sharding (no gather)."""

@@ -228,13 +228,16 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     33.9 -> 24.7 ms per layer.
     """
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)  # bf16 inputs: fp32 logits, as jax's
+    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(q.shape[-1] ** -0.5, logits_dtype)
     if causal:
         tril = jnp.tril(jnp.ones(logits.shape[-2:], bool))
         mask = tril if mask is None else jnp.logical_and(mask, tril)
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(logits.dtype).max, logits.dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        large_negative = -0.7 * min(float(jnp.finfo(logits_dtype).max), float(jnp.finfo(jnp.float32).max))
+        logits = jnp.where(mask, logits, jnp.asarray(large_negative, logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
     return jnp.einsum("bnts,bnsh->bnth", probs, vh).transpose(0, 2, 1, 3)
 
 
