@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             faults, cpu, start = minor_page_faults(), time.process_time(), time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
-            seconds = time.perf_counter() - start
-            step_faults.append(minor_page_faults() - faults)
-            if i not in profiled:
-                step_cpu_seconds.append(time.process_time() - cpu)
+            seconds, cpu_seconds, faults = (time.perf_counter() - start, time.process_time() - cpu,
+                                            minor_page_faults() - faults)
             if profiled and i == profiled.stop - 1:
                 jax.profiler.stop_trace()
             if i not in profiled:
                 step_seconds.append(seconds)
+                step_cpu_seconds.append(cpu_seconds)
+                step_faults.append(faults)
             if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
                 _say(f"step {i + 1}/{args.steps}: {seconds:.4f}s{' (traced)' if i in profiled else ''}")
         forward_seconds = []

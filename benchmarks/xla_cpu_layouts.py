@@ -23,22 +23,9 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import time
 from typing import Any, Callable
 
-
-def median_ms(fn: Callable, args: tuple, repeats: int) -> float:
-    """Median wall milliseconds of `fn(*args)` over `repeats` runs after one warm-up run."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(f"{1e3 * statistics.median(times):.4g}")
+from xla_cpu_threads import time_op  # a sibling script: benchmarks/ is on sys.path when run as a program
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -59,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from vlp.models.layers import head_major_attention
+
+    def ms(fn: Callable, fn_args: tuple, repeats: int) -> float:
+        return float(f"{1e3 * time_op(fn, fn_args, repeats)[0]:.4g}")  # median wall ms after a warm-up run
 
     b, t, d, f, n = args.batch, args.tokens, args.width, args.features, args.heads
     keys = jax.random.split(jax.random.key(0), 6)
@@ -90,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weight_gradient = {}
     for name, rows_3d in (("rows_3d", True), ("rows_2d", False)):
         grad = dense_loss(rows_3d)
-        weight_gradient[name] = {"ms": median_ms(grad, (w, x), args.repeats)}
+        weight_gradient[name] = {"ms": ms(grad, (w, x), args.repeats)}
     result["weight_gradient"] = weight_gradient
 
     q, k, v = (jax.random.normal(key, (b, t, n, d // n)) for key in keys[3:6])
@@ -99,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, attend in (("token_major", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")),
                          ("head_major", head_major_attention)):
         grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) * head_cotangent).sum(), argnums=(0, 1, 2)))
-        attention[name] = {"forward_ms": median_ms(jax.jit(attend), (q, k, v), args.repeats),
-                           "forward_backward_ms": median_ms(grad, (q, k, v), args.repeats)}
+        attention[name] = {"forward_ms": ms(jax.jit(attend), (q, k, v), args.repeats),
+                           "forward_backward_ms": ms(grad, (q, k, v), args.repeats)}
     result["attention"] = attention
 
     print(json.dumps(result), flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Mapping, MutableMapping
+from typing import Mapping
 
 # One arena (every thread allocates from the main heap), never mmap (large blocks come from that heap too) and never
 # trim (freed memory stays for the next step). The process keeps its peak heap for its lifetime, as a trainer does.
@@ -52,7 +52,7 @@ def tuned_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     return env
 
 
-def reexec_with_malloc_tunables(environ: MutableMapping[str, str] = os.environ) -> None:
+def reexec_with_malloc_tunables(environ: Mapping[str, str] = os.environ) -> None:
     """Replaces this process by the same command line with `MALLOC_TUNABLES` set, when `tuned_environment` says so.
 
     Call it first thing under `if __name__ == "__main__":` of an entry point (never from code a test imports): the
