@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # 2 workers, each test file on one (its fixtures shared)
 
 bench: $(VENV)/.installed  # open_clip_step.py compares with open_clip + torch (the interop extra)
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_step.py --matmul_floor
 	$(PY) benchmarks/open_clip_step.py
 	$(PY) benchmarks/xla_cpu_threads.py
 	$(PY) benchmarks/xla_cpu_layouts.py

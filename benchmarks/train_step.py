@@ -18,9 +18,17 @@ MFU's peak: `--peak_tflops`, else `hardware.peak_flops_per_device`, else on GPU/
 vlp/train/metrics.py; on CPU this machine's own XLA fp32 matmul rate (`--peak_matmul_size`^3, best of 5), measured in
 the same run before and after the timed steps (the larger of the two: other load only slows it down).
 
+`--matmul_floor` times every matmul of the compiled step alone (each distinct dot of the optimized HLO, top level
+and inside fusions, with its shapes, dtype and dimension numbers, jitted on its own; fastest of `--floor_repeats`)
+and sums them by how often the step runs each: the step's time if it did nothing but its matmuls, at the rates this
+backend reaches on those shapes (convolutions, such as a ViT's patch embedding, are counted but not timed).
+`step_seconds_median - matmul_floor_seconds` is what everything else costs (attention's softmax, norms,
+activations, the optimizer, data movement). Steps whose HLO has loops
+(`model.scan_layers`) are refused: a loop body's dots run once per trip.
+
   python benchmarks/train_step.py [--config=configs/clip.py:bench] [--set KEY=VALUE ...] [--steps 20]
       [--warmup 3] [--forward_steps 5] [--peak_tflops X] [--peak_matmul_size 2048]
-      [--profile_steps A:B --profile_dir DIR]
+      [--profile_steps A:B --profile_dir DIR] [--matmul_floor [--floor_repeats 5]]
 
 On GPU/TPU add `--set precision.compute_dtype=bfloat16` (or `auto`); the bench variant is fp32 for CPUs.
 `--profile_steps 2:4` traces timed steps 2 and 3 (0-based, end exclusive) with `jax.profiler` into
@@ -30,7 +38,9 @@ On GPU/TPU add `--set precision.compute_dtype=bfloat16` (or `auto`); the bench v
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import statistics
 import sys
 import time
@@ -69,6 +79,58 @@ def first_cost(analysis: Any) -> dict[str, float]:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
     return dict(analysis or {})
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "s8": "int8",
+               "s32": "int32", "f8e4m3fn": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
+_DOT = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
+_DEFINITION = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_DOT_DIMS = re.compile(r"(lhs_batch_dims|lhs_contracting_dims|rhs_batch_dims|rhs_contracting_dims)=\{([\d,]*)\}")
+
+
+def hlo_dots(hlo_text: str) -> collections.Counter:
+    """Every dot of an optimized HLO module's text (top level and inside fusions) -> how many the module runs:
+    a Counter keyed by (operand dtype, lhs shape, rhs shape, dot_general dimension numbers)."""
+    if re.search(r"\swhile\(", hlo_text):
+        raise ValueError("the compiled step has loops (model.scan_layers?): a loop body's matmuls run once per "
+                         "trip, which the HLO text does not count; measure the floor without scan_layers")
+    shapes = {m.group(1): (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+              for m in _DEFINITION.finditer(hlo_text)}
+    dots: collections.Counter = collections.Counter()
+    for m in _DOT.finditer(hlo_text):
+        dims = dict(_DOT_DIMS.findall(m.group(6).split("metadata=")[0]))
+        axes = [tuple(int(d) for d in dims.get(key, "").split(",") if d) for key in
+                ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")]
+        (dtype, lhs), (_, rhs) = shapes[m.group(4)], shapes[m.group(5)]
+        dots[(dtype, lhs, rhs, ((axes[0], axes[1]), (axes[2], axes[3])))] += 1
+    return dots
+
+
+def matmul_floor(dots: collections.Counter, repeats: int) -> dict[str, Any]:
+    """Times each distinct dot of `hlo_dots` alone (jitted, operands on the default device, the fastest of `repeats`
+    runs after a warm-up, as the peak is the best of 5) -> the summed seconds, FLOPs and the five dots that take
+    longest in all."""
+    import jax
+    import numpy as np
+
+    from xla_cpu_threads import time_op  # a sibling script: benchmarks/ is on sys.path when run as a program
+
+    rows, total_seconds, total_flops = [], 0.0, 0.0
+    for (dtype, lhs, rhs, dims), count in dots.items():
+        (lhs_contract, _), (lhs_batch, _) = dims
+        flops = 2.0 * np.prod(lhs, dtype=float) * np.prod([rhs[i] for i in range(len(rhs))
+                                                           if i not in dims[0][1] + dims[1][1]], dtype=float)
+        a, b = (jax.numpy.ones(shape, _HLO_DTYPES[dtype]) for shape in (lhs, rhs))
+        seconds, _ = time_op(jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims)), (a, b), repeats,
+                             reduce=min)
+        total_seconds, total_flops = total_seconds + count * seconds, total_flops + count * flops
+        rows.append({"lhs": list(lhs), "rhs": list(rhs), "dimension_numbers": [list(map(list, d)) for d in dims],
+                     "count": count, "ms_each": round(seconds * 1e3, 3),
+                     "gflops_per_second": round(float(flops) / seconds / 1e9, 1)})
+    rows.sort(key=lambda r: -r["count"] * r["ms_each"])
+    return {"matmul_floor_seconds": round(total_seconds, 5), "matmul_floor_flops": total_flops,
+            "matmul_floor_distinct_dots": len(rows), "matmul_floor_dots": sum(dots.values()),
+            "matmul_floor_slowest": rows[:5]}
 
 
 def synthetic_batch_fn(exp: Any, batch_size: int):
@@ -121,9 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="on CPU: the square fp32 matmul whose XLA rate is the MFU peak")
     parser.add_argument("--profile_steps", default=None, metavar="A:B", help="trace timed steps A..B-1")
     parser.add_argument("--profile_dir", default=None, help="where --profile_steps writes the trace")
+    parser.add_argument("--matmul_floor", action="store_true",
+                        help="also time each of the step's matmuls alone and report their sum")
+    parser.add_argument("--floor_repeats", type=int, default=5, help="timed runs of each matmul for the floor")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.forward_steps < 0 or args.peak_matmul_size < 1:
-        raise SystemExit(f"--steps={args.steps} and --peak_matmul_size={args.peak_matmul_size} must be >= 1, "
+    if min(args.steps, args.peak_matmul_size, args.floor_repeats) < 1 or args.warmup < 0 or args.forward_steps < 0:
+        raise SystemExit(f"--steps={args.steps}, --peak_matmul_size={args.peak_matmul_size} and "
+                         f"--floor_repeats={args.floor_repeats} must be >= 1, "
                          f"--warmup={args.warmup} and --forward_steps={args.forward_steps} >= 0")
     profiled = parse_profile_steps(args.profile_steps, args.steps)
     if profiled and not args.profile_dir:
@@ -199,6 +265,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 jax.block_until_ready(forward(state.params, model_batch))
                 forward_seconds.append(time.perf_counter() - start)
             _say(f"forward: {statistics.median(forward_seconds):.4f}s (median of {args.forward_steps})")
+    floor = {}
+    if args.matmul_floor:
+        dots = hlo_dots(compiled.as_text())
+        _say(f"matmul floor: timing {len(dots)} distinct dots ({sum(dots.values())} in the step) alone")
+        floor = matmul_floor(dots, args.floor_repeats)
+        # Convolutions (a ViT's patch embedding: 0.4% of clip.py:bench's FLOPs) are counted, not timed.
+        floor["matmul_floor_untimed_convolutions"] = len(re.findall(r"\sconvolution\(", compiled.as_text()))
+        _say(f"matmul floor: {floor['matmul_floor_seconds']:.4f}s")
     if measure_peak:
         measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))
         _say(f"XLA fp32 matmul {args.peak_matmul_size}^3 after the steps: {measured_peaks[-1] / 1e9:.1f} GFLOP/s")
@@ -256,6 +330,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             backward_and_update_mfu=round(2 * forward_flops / rest_seconds / peak, 4) if peak and rest_seconds > 0
             else None,
             step_mfu_median=round(model_flops_per_device / step_median / peak, 4) if peak else None)
+    if floor:
+        step_median = statistics.median(step_seconds)
+        floor.update(matmul_floor_share_of_step=round(floor["matmul_floor_seconds"] / step_median, 4),
+                     seconds_beyond_matmul_floor=round(step_median - floor["matmul_floor_seconds"], 5),
+                     matmul_floor_mfu=round(model_flops_per_device / floor["matmul_floor_seconds"] / peak, 4)
+                     if peak else None)
+        result.update(floor)
     if profiled:
         traces = sorted(str(p) for p in Path(args.profile_dir).rglob("*.xplane.pb"))
         result.update(profiled_steps=f"{profiled.start}:{profiled.stop}", profile_dir=args.profile_dir,

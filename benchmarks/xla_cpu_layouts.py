@@ -5,8 +5,10 @@
   (x as [B, T, D]) and with one (x reshaped to [B*T, D] first, what `vlp.models.layers.Linear` does). With two,
   XLA:CPU contracts two axes (in a whole model it also copies the activation gradient into a transposed layout).
 - `attention`: forward + backward of softmax(q k^T / sqrt(H)) v for q, k, v [B, T, N, H], with
-  `jax.nn.dot_product_attention(implementation="xla")` (token-major einsums) and with
-  `vlp.models.layers.head_major_attention` (heads first, what the models use on CPU).
+  `jax.nn.dot_product_attention(implementation="xla")` (token-major einsums), and with
+  `vlp.models.layers.head_major_attention` (heads first, what the models use on CPU) under autodiff's backward and
+  under its own (the default: every batched matmul with its left operand contracting the minor axis, the form
+  XLA:CPU hands to YNNPACK).
 - `page_faults`: minor page faults of one jitted elementwise op on a [B*T, F] array in this process (34 MB on the
   bench dims, above glibc's 32 MiB mmap threshold): ~1 per 4 KiB under glibc's defaults, ~0 under vlp's malloc
   settings (`vlp/host_malloc.py`, applied when this script runs as a program; `VLP_HOST_MALLOC=default` compares).
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     head_cotangent = jnp.ones((b, t, n, d // n))
     attention = {}
     for name, attend in (("token_major", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")),
+                         ("head_major_autodiff", lambda q, k, v: head_major_attention(q, k, v, custom_backward=False)),
                          ("head_major", head_major_attention)):
         grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) * head_cotangent).sum(), argnums=(0, 1, 2)))
         attention[name] = {"forward_ms": ms(jax.jit(attend), (q, k, v), args.repeats),

@@ -118,16 +118,19 @@ def test_model_built_with_a_gpu_kernel_on_cpu_fails_when_built():
         layers.Attention(2, implementation="cudnn").init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("custom_backward", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_head_major_attention_equals_jax_xla_path(qkv_mask, dtype):
+def test_head_major_attention_equals_jax_xla_path(qkv_mask, dtype, custom_backward):
     """The CPU path (heads first) computes jax.nn.dot_product_attention's XLA function: output and q/k/v gradients
-    with a padding mask, causal or not, in fp32 and bf16 (fp32 logits)."""
-    q, k, v, mask = (x.astype(dtype) if x.dtype != bool else x for x in qkv_mask)
-    for causal in (False, True):
+    with a padding mask, causal or not, and with an example that attends to nothing, in fp32 and bf16 (fp32 logits),
+    with its hand-written backward (the default) and with autodiff's."""
+    q, k, v, padding = (x.astype(dtype) if x.dtype != bool else x for x in qkv_mask)
+    fully_masked = padding.at[1].set(False)  # example 1 attends to nothing: uniform weights, no logit gradient
+    for causal, mask in ((False, padding), (True, padding), (False, fully_masked)):
         def loss(attend, q, k, v):
             return (attend(q, k, v).astype(jnp.float32) ** 2).sum()
 
-        ours = lambda q, k, v: layers.head_major_attention(q, k, v, mask, causal)  # noqa: E731
+        ours = lambda q, k, v: layers.head_major_attention(q, k, v, mask, causal, custom_backward)  # noqa: E731
         theirs = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
             q, k, v, mask=mask, is_causal=causal, implementation="xla")
         tol = 1e-5 if dtype == jnp.float32 else 2e-2

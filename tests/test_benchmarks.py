@@ -26,8 +26,13 @@ def run_json_lines(script: str, *args: str) -> list[dict]:
 def test_train_step_benchmark_runs_one_step():
     [row] = run_json_lines("train_step.py", "--config=configs/clip.py:tiny", *TINY_TOWERS,
                            "--set=model.embed_dim=32", "--set=batch_size=16", "--set=mesh.num_devices=1",
-                           "--steps=1", "--warmup=0", "--forward_steps=1", "--peak_matmul_size=256")
+                           "--steps=1", "--warmup=0", "--forward_steps=1", "--peak_matmul_size=256", "--matmul_floor",
+                           "--floor_repeats=1")
     assert row["steps"] == 1 and row["batch_size"] == 16 and row["devices"] == 1
+    # Every matmul timed alone: 2 per dense layer forward, 2 backward (the input image needs no gradient).
+    assert row["matmul_floor_dots"] >= 20 and 0 < row["matmul_floor_seconds"] < 10 * row["step_seconds_median"]
+    assert 0 < row["matmul_floor_flops"] <= row["compiled_flops_per_step_per_device"]
+    assert row["matmul_floor_untimed_convolutions"] == 2  # the patch embedding and its kernel's gradient
     for key in ("compile_seconds", "step_seconds_mean", "samples_per_second", "model_flops_per_step",
                 "compiled_flops_per_step_per_device", "model_tflops_per_second_per_device", "temp_bytes_per_device"):
         assert row[key] > 0, (key, row[key])

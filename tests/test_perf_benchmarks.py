@@ -38,6 +38,37 @@ def test_cpu_peak_is_measured_not_a_table_value(monkeypatch):
     assert "cpu" not in {k.lower() for k in metrics.PEAK_FLOPS_PER_DEVICE}
 
 
+def test_matmul_floor_finds_every_dot_of_a_compiled_step_with_its_flops():
+    """benchmarks/train_step.py --matmul_floor: each dot of the optimized HLO (YNNPACK fusions included) is found
+    with its shapes and dimension numbers; the summed FLOPs are the exact count of the function's matmuls."""
+    import sys
+
+    import jax.numpy as jnp
+    from test_benchmarks import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_step
+
+    b, d, f, t, h = 8, 16, 32, 5, 4
+
+    def loss(w1, w2, q, x, k):  # value and gradients: 3 dots forward, 4 backward (x and k need no gradient)
+        return ((jnp.tanh(x @ w1) @ w2) ** 2).sum() + (jnp.einsum("bth,bsh->bts", q, k) ** 2).sum()
+
+    args = [jnp.ones(s) for s in ((d, f), (f, d), (b, t, h), (b, d), (b, t, h))]
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    dots = train_step.hlo_dots(text)
+    assert sum(dots.values()) == 7, dots
+    assert ("f32", (b, d), (d, f), (((1,), (0,)), ((), ()))) in dots  # x @ w1 as written
+    floor = train_step.matmul_floor(dots, repeats=1)
+    dense, attention = 2 * b * d * f, 2 * b * t * t * h
+    # dense: 2 forward, 3 backward (w2's and w1's gradients, and the gradient into tanh); attention: 1 + 1 (q's)
+    assert floor["matmul_floor_flops"] == 5 * dense + 2 * attention
+    assert floor["matmul_floor_seconds"] > 0 and floor["matmul_floor_dots"] == 7
+    scan = jax.jit(lambda w, x: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)[0])
+    with pytest.raises(ValueError, match="loops"):
+        train_step.hlo_dots(scan.lower(args[0][:, :d], args[3]).compile().as_text())
+
+
 def test_open_clip_step_benchmark_builds_the_same_model_and_runs_one_step():
     pytest.importorskip("open_clip")
     [row] = run_json_lines("open_clip_step.py", "--config=configs/clip.py:tiny", *TINY_TOWERS,
@@ -83,7 +114,7 @@ def test_xla_cpu_layouts_benchmark_times_each_variant():
     assert (row["batch"], row["tokens"], row["width"], row["features"], row["heads"]) == (2, 5, 16, 32, 2)
     for variant in ("rows_3d", "rows_2d"):
         assert row["weight_gradient"][variant]["ms"] > 0, row
-    for variant in ("token_major", "head_major"):
+    for variant in ("token_major", "head_major_autodiff", "head_major"):
         assert row["attention"][variant]["forward_ms"] > 0 and row["attention"][variant]["forward_backward_ms"] > 0
     assert row["page_faults"]["array_bytes"] == 2 * 5 * 32 * 4
     assert 0 <= row["page_faults"]["minor_faults_per_run_min"] <= row["page_faults"]["minor_faults_per_run_max"]

@@ -219,26 +219,78 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     return out[:, :q_len]
 
 
+def _large_negative(dtype: Dtype) -> float:
+    """jax.nn.dot_product_attention's stand-in for -inf at masked logits: -0.7 x the dtype's largest value."""
+    return -0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max))
+
+
+def _head_major_probs(qh: jax.Array, kh: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention weights [B, N, T, S] of heads-first qh [B, N, T, H] and kh [B, N, S, H], in kh's dtype:
+    fp32 logits for bf16 inputs and an fp32 softmax, as jax's XLA path."""
+    logits_dtype = jnp.promote_types(qh.dtype, jnp.float32)
+    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(qh.shape[-1] ** -0.5, logits_dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.asarray(_large_negative(logits_dtype), logits_dtype))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(kh.dtype)
+
+
+def _materialized_transpose(x: jax.Array) -> jax.Array:
+    """x [..., T, S] -> a real [..., S, T] copy. The barrier keeps XLA from folding the transpose back into the
+    dot that reads it: XLA:CPU hands a batched dot to YNNPACK only when the left operand contracts its minor axis,
+    and runs the others on its own batched dot (~35 GFLOP/s on the bench step's attention shapes)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@jax.custom_vjp
+def _head_major_core(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return jnp.einsum("bnts,bnsh->bnth", _head_major_probs(qh, kh, mask), vh)
+
+
+def _head_major_core_forward(qh, kh, vh, mask):
+    probs = _head_major_probs(qh, kh, mask)
+    return jnp.einsum("bnts,bnsh->bnth", probs, vh), (qh, kh, vh, mask, probs)
+
+
+def _head_major_core_backward(residuals, out_grad):
+    """The gradients autodiff gives, with dV = P^T dO and dK = dS^T Q read from transposed copies of P and dS."""
+    qh, kh, vh, mask, probs = residuals
+    v_grad = jnp.einsum("bnst,bnth->bnsh", _materialized_transpose(probs), out_grad)
+    probs_grad = jnp.einsum("bnth,bnsh->bnts", out_grad, vh).astype(jnp.float32)
+    probs32 = probs.astype(jnp.float32)
+    logits_grad = probs32 * (probs_grad - jnp.sum(probs_grad * probs32, axis=-1, keepdims=True))
+    if mask is not None:  # autodiff through jnp.where: masked logits get no gradient, even in fully masked rows
+        logits_grad = jnp.where(mask, logits_grad, 0.0)
+    logits_dtype = jnp.promote_types(qh.dtype, jnp.float32)
+    logits_grad = logits_grad.astype(logits_dtype) * jnp.asarray(qh.shape[-1] ** -0.5, logits_dtype)
+    q_grad = jnp.einsum("bnts,bnsh->bnth", logits_grad, kh.astype(logits_dtype))
+    k_grad = jnp.einsum("bnst,bnth->bnsh", _materialized_transpose(logits_grad), qh.astype(logits_dtype))
+    return q_grad.astype(qh.dtype), k_grad.astype(kh.dtype), v_grad.astype(vh.dtype), None
+
+
+_head_major_core.defvjp(_head_major_core_forward, _head_major_core_backward)
+
+
 def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-                         causal: bool = False) -> jax.Array:
+                         causal: bool = False, custom_backward: bool = True) -> jax.Array:
     """jax.nn.dot_product_attention's XLA computation (same scaling, masking with -0.7 * the dtype's max, fp32
     softmax) with heads moved before tokens first: q [B, T, N, H], k and v [B, S, N, H], boolean `mask`
     broadcastable to [B, N, T, S] (True = attend) -> [B, T, N, H]. XLA:CPU runs the [B, N, ...] batched matmuls
-    faster than jax's token-major einsums: forward + backward of the bench ViT's attention (B 128, T 65, N 4, H 64)
-    33.9 -> 24.7 ms per layer.
+    faster than jax's token-major einsums, and `custom_backward` (the default) computes autodiff's gradients with
+    every batched matmul in the form XLA:CPU gives YNNPACK. Forward + backward of the bench ViT's attention
+    (B 128, T 65, N 4, H 64), ms per layer (benchmarks/xla_cpu_layouts.py, 3 runs): token-major 34.5-36.8,
+    heads-first 26.6-26.8, heads-first with the custom backward 25.1-26.9; in the whole bench step the custom
+    backward saves ~0.035 s of ~1.95 (paired runs).
     """
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)  # bf16 inputs: fp32 logits, as jax's
-    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=logits_dtype)
-    logits = logits * jnp.asarray(q.shape[-1] ** -0.5, logits_dtype)
     if causal:
-        tril = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        tril = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         mask = tril if mask is None else jnp.logical_and(mask, tril)
-    if mask is not None:
-        large_negative = -0.7 * min(float(jnp.finfo(logits_dtype).max), float(jnp.finfo(jnp.float32).max))
-        logits = jnp.where(mask, logits, jnp.asarray(large_negative, logits_dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
-    return jnp.einsum("bnts,bnsh->bnth", probs, vh).transpose(0, 2, 1, 3)
+    if custom_backward:
+        out = _head_major_core(qh, kh, vh, mask)
+    else:
+        out = jnp.einsum("bnts,bnsh->bnth", _head_major_probs(qh, kh, mask), vh)
+    return out.transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
