@@ -23,7 +23,8 @@ and inside fusions, with its shapes, dtype and dimension numbers, jitted on its 
 and sums them by how often the step runs each: the step's time if it did nothing but its matmuls, at the rates this
 backend reaches on those shapes (convolutions, such as a ViT's patch embedding, are counted but not timed).
 `step_seconds_median - matmul_floor_seconds` is what everything else costs (attention's softmax, norms,
-activations, the optimizer, data movement). Steps whose HLO has loops
+activations, the optimizer, data movement). The floor is per device (one device's program, timed on one device):
+on virtual CPU devices, which share the host's cores, compare it with a one-device run. Steps whose HLO has loops
 (`model.scan_layers`) are refused: a loop body's dots run once per trip.
 
   python benchmarks/train_step.py [--config=configs/clip.py:bench] [--set KEY=VALUE ...] [--steps 20]
@@ -117,16 +118,18 @@ def matmul_floor(dots: collections.Counter, repeats: int) -> dict[str, Any]:
 
     rows, total_seconds, total_flops = [], 0.0, 0.0
     for (dtype, lhs, rhs, dims), count in dots.items():
-        (lhs_contract, _), (lhs_batch, _) = dims
-        flops = 2.0 * np.prod(lhs, dtype=float) * np.prod([rhs[i] for i in range(len(rhs))
-                                                           if i not in dims[0][1] + dims[1][1]], dtype=float)
+        if dtype not in _HLO_DTYPES:
+            raise ValueError(f"a dot of HLO type {dtype!r}; the floor knows {sorted(_HLO_DTYPES)}")
+        ((_, rhs_contracting), (_, rhs_batch)) = dims
+        rhs_free = [size for axis, size in enumerate(rhs) if axis not in rhs_contracting + rhs_batch]
+        flops = 2.0 * float(np.prod(lhs, dtype=float)) * float(np.prod(rhs_free, dtype=float))
         a, b = (jax.numpy.ones(shape, _HLO_DTYPES[dtype]) for shape in (lhs, rhs))
         seconds, _ = time_op(jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims)), (a, b), repeats,
                              reduce=min)
         total_seconds, total_flops = total_seconds + count * seconds, total_flops + count * flops
         rows.append({"lhs": list(lhs), "rhs": list(rhs), "dimension_numbers": [list(map(list, d)) for d in dims],
                      "count": count, "ms_each": round(seconds * 1e3, 3),
-                     "gflops_per_second": round(float(flops) / seconds / 1e9, 1)})
+                     "gflops_per_second": round(flops / seconds / 1e9, 1)})
     rows.sort(key=lambda r: -r["count"] * r["ms_each"])
     return {"matmul_floor_seconds": round(total_seconds, 5), "matmul_floor_flops": total_flops,
             "matmul_floor_distinct_dots": len(rows), "matmul_floor_dots": sum(dots.values()),
