@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xla_cpu_threads import minor_page_faults, time_op  # a sibling script: benchmarks/ is on sys.path as a program
+
 
 def _say(message: str) -> None:
     print(f"[train_step] {message}", file=sys.stderr, flush=True)
@@ -66,13 +68,6 @@ def parse_profile_steps(spec: str | None, steps: int) -> range:
     if end - start >= steps:
         raise SystemExit(f"--profile_steps={spec!r} traces every timed step; use --steps > {end - start}")
     return range(start, end)
-
-
-def minor_page_faults() -> int:
-    """This process's minor page faults so far: each first touch of freshly mapped memory costs one (4 KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def first_cost(analysis: Any) -> dict[str, float]:
@@ -113,8 +108,6 @@ def matmul_floor(dots: collections.Counter, repeats: int) -> dict[str, Any]:
     longest in all."""
     import jax
     import numpy as np
-
-    from xla_cpu_threads import time_op  # a sibling script: benchmarks/ is on sys.path when run as a program
 
     rows, total_seconds, total_flops = [], 0.0, 0.0
     for (dtype, lhs, rhs, dims), count in dots.items():
@@ -270,11 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             _say(f"forward: {statistics.median(forward_seconds):.4f}s (median of {args.forward_steps})")
     floor = {}
     if args.matmul_floor:
-        dots = hlo_dots(compiled.as_text())
+        hlo_text = compiled.as_text()
+        dots = hlo_dots(hlo_text)
         _say(f"matmul floor: timing {len(dots)} distinct dots ({sum(dots.values())} in the step) alone")
         floor = matmul_floor(dots, args.floor_repeats)
         # Convolutions (a ViT's patch embedding: 0.4% of clip.py:bench's FLOPs) are counted, not timed.
-        floor["matmul_floor_untimed_convolutions"] = len(re.findall(r"\sconvolution\(", compiled.as_text()))
+        floor["matmul_floor_untimed_convolutions"] = len(re.findall(r"\sconvolution\(", hlo_text))
         _say(f"matmul floor: {floor['matmul_floor_seconds']:.4f}s")
     if measure_peak:
         measured_peaks.append(measure_matmul_flops(jax.local_devices()[0], args.peak_matmul_size))

@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 from typing import Any, Callable
 
-from xla_cpu_threads import time_op  # a sibling script: benchmarks/ is on sys.path when run as a program
+from xla_cpu_threads import minor_page_faults, time_op  # a sibling script: benchmarks/ is on sys.path as a program
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -67,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jax.block_until_ready(scale_add(z))
     faults = []
     for _ in range(max(args.repeats, 30)):  # freed buffers return asynchronously: the heap settles within ~13 runs
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = minor_page_faults()
         jax.block_until_ready(scale_add(z))
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(minor_page_faults() - before)
     result["page_faults"] = {"array_bytes": int(z.nbytes), "minor_faults_per_run_min": min(faults),
                              "minor_faults_per_run_max": max(faults)}
+
     def dense_loss(rows_3d: bool) -> Callable:
         def loss(w, x):
             y = jax.lax.dot_general(x, w, (((2,), (0,)), ((), ()))) if rows_3d else (

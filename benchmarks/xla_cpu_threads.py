@@ -20,6 +20,13 @@ import time
 from typing import Any, Callable
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far: each first touch of freshly mapped memory costs one (4 KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_op(fn: Callable, args: tuple, repeats: int, reduce: Callable = statistics.median) -> tuple[float, float]:
     """(`reduce` of the wall seconds (their median unless told), process CPU seconds / wall seconds) over `repeats`
     runs after one warm-up run."""

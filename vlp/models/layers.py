@@ -242,9 +242,12 @@ def _materialized_transpose(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
-@jax.custom_vjp
-def _head_major_core(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None) -> jax.Array:
+def _head_major_core_autodiff(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v, heads first: [B, N, T, H] -> [B, N, T, H]."""
     return jnp.einsum("bnts,bnsh->bnth", _head_major_probs(qh, kh, mask), vh)
+
+
+_head_major_core = jax.custom_vjp(_head_major_core_autodiff)  # the same values, the backward below
 
 
 def _head_major_core_forward(qh, kh, vh, mask):
@@ -286,11 +289,8 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     if causal:
         tril = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         mask = tril if mask is None else jnp.logical_and(mask, tril)
-    if custom_backward:
-        out = _head_major_core(qh, kh, vh, mask)
-    else:
-        out = jnp.einsum("bnts,bnsh->bnth", _head_major_probs(qh, kh, mask), vh)
-    return out.transpose(0, 2, 1, 3)
+    core = _head_major_core if custom_backward else _head_major_core_autodiff
+    return core(qh, kh, vh, mask).transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
